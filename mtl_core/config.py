@@ -1,0 +1,202 @@
+"""params.yaml -> validated, typed configuration.
+
+params.yaml is the single source of every knob. It is validated once, at load, into frozen pydantic
+models: an unknown or mistyped key fails here, with the key's dotted name and the allowed keys, rather
+than deep inside a stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuiltinDataConfig(_Strict):
+    """The built-in synthetic shapes dataset (generated from a seed, never downloaded)."""
+
+    num_images: int = Field(6000, ge=20)
+    image_size: int = Field(64, ge=32, le=512)
+    seed: int = Field(0, ge=0)
+
+
+class SplitConfig(_Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions train+val+test must sum to 1, got {total:g}")
+        return self
+
+
+class DataConfig(_Strict):
+    source: str = "builtin:shapes"
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Label columns to train on; empty means every column of the manifest except 'path'.",
+    )
+    builtin: BuiltinDataConfig = BuiltinDataConfig()
+    split: SplitConfig = SplitConfig()
+    max_rejected_fraction: float = Field(0.05, ge=0, le=1)
+
+    @field_validator("source")
+    @classmethod
+    def _source_kind(cls, v: str) -> str:
+        if v.startswith(BUILTIN_PREFIX):
+            from mtl_core.data.builtin import BUILTIN_DATASETS
+
+            name = v[len(BUILTIN_PREFIX) :]
+            if name not in BUILTIN_DATASETS:
+                raise ValueError(
+                    f"unknown built-in dataset {name!r}; available: "
+                    + ", ".join(BUILTIN_PREFIX + k for k in sorted(BUILTIN_DATASETS))
+                )
+        elif not v.lower().endswith(".csv"):
+            raise ValueError(f"must be 'builtin:<name>' or the path of a CSV manifest, got {v!r}")
+        return v
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith(BUILTIN_PREFIX)
+
+    @property
+    def builtin_name(self) -> str:
+        return self.source[len(BUILTIN_PREFIX) :]
+
+
+class AugmentStep(BaseModel):
+    """One Albumentations transform: its class name plus keyword arguments (p, limits, ...)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PreprocessConfig(_Strict):
+    image_size: int = Field(64, ge=16, le=1024)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    augment: list[AugmentStep] = Field(default_factory=list)
+
+
+class ModelConfig(_Strict):
+    arch: str = "hard_sharing"
+    backbone: str = "resnet18"
+    pretrained: bool = False
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    weighting: str = "equal"
+    weighting_options: dict[str, Any] = Field(default_factory=dict)
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    amp: bool = True
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class MlflowConfig(_Strict):
+    experiment: str = "mtl-pipeline"
+    model_name: str = "mtl-shapes"
+    tracking_uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI, else the project's SQLite store mlflow.db."
+    )
+
+
+class ScheduleConfig(_Strict):
+    """The Prefect deployment that retrains on a timetable (flows/deployment.py)."""
+
+    deployment: str = "scheduled-retrain"
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"a cron expression has 5 fields (minute hour day month weekday), got {v!r}")
+        return v
+
+
+class PipelineConfig(_Strict):
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Walk the model tree along `loc` to list the keys allowed where an error occurred."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        annotation = fields[part].annotation
+        args = getattr(annotation, "__args__", ())
+        nested = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nested is None:
+            break
+        current = nested
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(PipelineConfig, tuple(e["loc"][:-1]))
+            lines.append(f"  unknown key '{key}'; allowed keys here: {', '.join(allowed)}")
+        else:
+            got = e.get("input")
+            lines.append(f"  key '{key}': {e['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any] | None, source: str = "params.yaml") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, str(path))

@@ -1,0 +1,1 @@
+"""Data: built-in datasets, manifest ingest and validation, the preprocessed cache and the Dataset."""

@@ -1,0 +1,19 @@
+"""Built-in datasets, generated deterministically from a seed (never downloaded).
+
+Each generator writes image files plus a CSV manifest (`path` + one column per task) into a folder,
+so a built-in dataset goes through exactly the same ingest path as a user's data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from mtl_core.data.builtin.shapes import generate_shapes
+
+# name -> generator(out_dir, num_images, image_size, seed) -> path of the written manifest CSV
+BuiltinGenerator = Callable[[Path, int, int, int], Path]
+
+BUILTIN_DATASETS: dict[str, BuiltinGenerator] = {
+    "shapes": generate_shapes,
+}

@@ -1,0 +1,102 @@
+"""Stage `evaluate`: test-split metrics per task and their mean, for DVC and for the model's MLflow run.
+
+Writes `reports/test_metrics.json` (DVC metrics), `reports/predictions/<task>.csv` (actual/predicted,
+for DVC's confusion plots) and `reports/confusion/<task>.png`, and logs `test/<task>/<metric>` into
+the MLflow run that trained the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from mtl_core.config import PipelineConfig  # noqa: E402
+from mtl_core.data.dataset import CachedMultiTaskDataset  # noqa: E402
+from mtl_core.evaluation.metrics import mean_over_tasks, task_metrics  # noqa: E402
+from mtl_core.inference import predict_loader  # noqa: E402
+from mtl_core.models.io import load_model  # noqa: E402
+from mtl_core.paths import ProjectPaths  # noqa: E402
+from mtl_core.tasks import MISSING_LABEL  # noqa: E402
+from mtl_core.tracking import model_run  # noqa: E402
+from mtl_core.training.device import select_device  # noqa: E402
+from mtl_core.transforms import eval_transform  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    metrics: dict[str, dict[str, float]]
+    mean: dict[str, float]
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], task: str, out: Path) -> None:
+    size = max(4.0, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(
+        xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+        xlabel="predicted", ylabel="true", title=f"{task}: confusion matrix (test)",
+    )  # fmt: skip
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > threshold else "black")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
+    paths = ProjectPaths(root)
+    device = select_device(cfg.train.device)
+    model, spec = load_model(paths.model_spec, paths.weights, device)
+    loader = DataLoader(
+        CachedMultiTaskDataset(paths.images_cache("test"), paths.labels_cache("test"), eval_transform(cfg.preprocess)),
+        batch_size=cfg.train.batch_size,
+        num_workers=0,
+    )
+    probs, targets = predict_loader(model, loader, device, cfg.train.amp)
+
+    paths.predictions_dir.mkdir(parents=True, exist_ok=True)
+    paths.confusion_dir.mkdir(parents=True, exist_ok=True)
+    per_task: dict[str, dict[str, float]] = {}
+    for k, task in enumerate(model.task_names):
+        classes = spec["tasks"][task]
+        values, confusion = task_metrics(probs[task], targets[:, k])
+        values["support"] = int((targets[:, k] != MISSING_LABEL).sum())
+        per_task[task] = values
+        labelled = targets[:, k] != MISSING_LABEL
+        pd.DataFrame(
+            {
+                "actual": np.asarray(classes)[targets[labelled, k]],
+                "predicted": np.asarray(classes)[probs[task][labelled].argmax(1)],
+            }
+        ).to_csv(paths.predictions_dir / f"{task}.csv", index=False)
+        plot_confusion(confusion, classes, task, paths.confusion_dir / f"{task}.png")
+
+    mean = mean_over_tasks(per_task)
+    paths.test_metrics.write_text(json.dumps({"tasks": per_task, "mean": mean}, indent=2) + "\n")
+    for task, values in per_task.items():
+        log.info("test %s: %s", task, ", ".join(f"{m} {v:.3f}" for m, v in values.items() if m != "support"))
+    log.info("test mean over tasks: %s", ", ".join(f"{m} {v:.3f}" for m, v in mean.items()))
+
+    with model_run(cfg, root):
+        flat = {f"test/{t}/{m}": float(v) for t, vs in per_task.items() for m, v in vs.items() if m != "support"}
+        flat.update({f"test/mean/{m}": v for m, v in mean.items()})
+        mlflow.log_metrics(flat)
+        mlflow.log_artifact(str(paths.test_metrics), artifact_path="metrics")
+        mlflow.log_artifacts(str(paths.confusion_dir), artifact_path="plots/confusion")
+        mlflow.set_tag("mtl.evaluated", "true")
+    return EvaluateResult(per_task, mean)

@@ -1,0 +1,35 @@
+"""Batched prediction shared by validation, the evaluate stage and the registered model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mtl_core.models.architectures import MultiTaskModel
+from mtl_core.training.device import autocast
+
+
+@torch.no_grad()
+def predict_probabilities(model: MultiTaskModel, images: torch.Tensor, device: torch.device, amp: bool = True) -> dict[str, np.ndarray]:
+    """Softmax probabilities per task for a normalised batch (N, 3, H, W)."""
+    model.eval()
+    with autocast(device, amp):
+        logits = model(images.to(device, non_blocking=True))
+    return {t: torch.softmax(v.float(), dim=1).cpu().numpy() for t, v in logits.items()}
+
+
+@torch.no_grad()
+def predict_loader(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(probabilities per task (N, C_t), targets (N, K)) over a whole loader."""
+    probs: dict[str, list[np.ndarray]] = {t: [] for t in model.task_names}
+    targets: list[np.ndarray] = []
+    for images, labels in loader:
+        for t, p in predict_probabilities(model, images, device, amp).items():
+            probs[t].append(p)
+        targets.append(labels.numpy())
+    empty = {t: np.zeros((0, n), np.float32) for t, n in model.num_classes.items()}
+    return (
+        {t: np.concatenate(v) if v else empty[t] for t, v in probs.items()},
+        np.concatenate(targets) if targets else np.zeros((0, len(model.task_names)), np.int64),
+    )

@@ -1,0 +1,32 @@
+"""Save-free loading of a trained model: rebuild the network from code, then load safetensors weights.
+
+No pickle is ever unpickled here: the spec is JSON and the weights are safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from mtl_core.models.architectures import MultiTaskModel, build_model
+
+SPEC_FORMAT = "mtl-pipeline/model-spec/1"
+
+
+def read_spec(path: Path) -> dict[str, Any]:
+    spec = json.loads(Path(path).read_text())
+    if spec.get("format") != SPEC_FORMAT:
+        raise ValueError(f"{path}: not a model spec of format {SPEC_FORMAT!r} (got {spec.get('format')!r})")
+    return spec
+
+
+def load_model(spec_path: Path, weights_path: Path, device: torch.device | str = "cpu") -> tuple[MultiTaskModel, dict[str, Any]]:
+    spec = read_spec(spec_path)
+    num_classes = {t: len(c) for t, c in spec["tasks"].items()}
+    model = build_model(spec["arch"], num_classes, spec["backbone"], pretrained=False)
+    model.load_state_dict(load_file(str(weights_path), device="cpu"))
+    return model.to(device).eval(), spec

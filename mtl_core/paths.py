@@ -1,0 +1,110 @@
+"""Where every stage reads and writes, relative to the project root.
+
+One table of paths shared by the stages, dvc.yaml and the tests, so that a rename happens in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path
+
+    # ingest
+    @property
+    def builtin_dir(self) -> Path:
+        return self.root / "data" / "builtin"
+
+    @property
+    def ingested_dir(self) -> Path:
+        return self.root / "data" / "ingested"
+
+    @property
+    def manifest(self) -> Path:
+        """Normalised manifest: every kept row, its image path, its labels and its split."""
+        return self.ingested_dir / "manifest.csv"
+
+    @property
+    def rejected(self) -> Path:
+        return self.ingested_dir / "rejected.csv"
+
+    @property
+    def data_report(self) -> Path:
+        return self.ingested_dir / "data_report.json"
+
+    # preprocess
+    @property
+    def preprocessed_dir(self) -> Path:
+        return self.root / "data" / "preprocessed"
+
+    def images_cache(self, split: str) -> Path:
+        return self.preprocessed_dir / f"{split}_images.npy"
+
+    def labels_cache(self, split: str) -> Path:
+        return self.preprocessed_dir / f"{split}_labels.npy"
+
+    @property
+    def tasks_file(self) -> Path:
+        """Task names and class names, in label-index order."""
+        return self.preprocessed_dir / "tasks.json"
+
+    # train
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def weights(self) -> Path:
+        """Best-on-validation weights (safetensors): what evaluate and register use."""
+        return self.models_dir / "model.safetensors"
+
+    @property
+    def checkpoint(self) -> Path:
+        """Last-epoch training state (model, optimizer, epoch), rewritten every epoch."""
+        return self.models_dir / "checkpoint.pt"
+
+    @property
+    def model_spec(self) -> Path:
+        """How to rebuild the network from code: architecture, backbone, tasks, classes, preprocessing."""
+        return self.models_dir / "model_spec.json"
+
+    @property
+    def run_info(self) -> Path:
+        """The MLflow run that trained this model; evaluate and register log into it."""
+        return self.models_dir / "mlflow_run.json"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def train_history(self) -> Path:
+        return self.reports_dir / "train_history.csv"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.reports_dir / "train_metrics.json"
+
+    # evaluate
+    @property
+    def test_metrics(self) -> Path:
+        return self.reports_dir / "test_metrics.json"
+
+    @property
+    def predictions_dir(self) -> Path:
+        return self.reports_dir / "predictions"
+
+    @property
+    def confusion_dir(self) -> Path:
+        return self.reports_dir / "confusion"
+
+    # register
+    @property
+    def registry_report(self) -> Path:
+        return self.reports_dir / "registry.json"
+
+
+SPLITS = ("train", "val", "test")

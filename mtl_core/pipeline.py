@@ -1,0 +1,33 @@
+"""The five stages, by name: the one implementation behind dvc.yaml, the CLI and the Prefect flow."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mtl_core.config import PipelineConfig, load_config
+
+# stage -> "module:function"; imported on use so that `mtl ingest` does not pay for importing MLflow.
+STAGES: dict[str, str] = {
+    "ingest": "mtl_core.data.ingest:run_ingest",
+    "preprocess": "mtl_core.data.preprocess:run_preprocess",
+    "train": "mtl_core.training.train:run_train",
+    "evaluate": "mtl_core.evaluation.evaluate:run_evaluate",
+    "register": "mtl_core.registry.register:run_register",
+}
+
+
+def stage_function(name: str) -> Callable[[PipelineConfig, Path], Any]:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    module, func = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_stage(name: str, params: str | Path = "params.yaml", root: str | Path = ".") -> Any:
+    root = Path(root).resolve()
+    params = Path(params)
+    cfg = load_config(params if params.is_absolute() else root / params)
+    return stage_function(name)(cfg, root)

@@ -1,0 +1,1 @@
+"""Model registry: the MLflow pyfunc wrapper and the `register` stage."""

@@ -1,0 +1,1 @@
+"""Training: device selection, the loop, and the `train` stage."""

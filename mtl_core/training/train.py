@@ -1,0 +1,296 @@
+"""Stage `train`: fit one shared-backbone network with one head per task.
+
+Opens the model's MLflow run (params, tags, dataset, data report), logs per-epoch per-task loss and
+accuracy, checkpoints every epoch, keeps the best-on-validation weights as safetensors, and reports the
+training throughput in images per second.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mtl_core.config import PipelineConfig
+from mtl_core.data.dataset import CachedMultiTaskDataset
+from mtl_core.inference import predict_loader
+from mtl_core.losses import task_losses
+from mtl_core.models import MultiTaskModel, build_model
+from mtl_core.models.io import SPEC_FORMAT
+from mtl_core.paths import ProjectPaths
+from mtl_core.tasks import MISSING_LABEL, TaskSpec
+from mtl_core.tracking import flatten, git_commit, ingested_data_hash, setup_mlflow, write_run_info
+from mtl_core.training.device import autocast, select_device, seed_everything
+from mtl_core.transforms import eval_transform, train_transform
+from mtl_core.weighting import LossWeighting, StepContext, build_weighting
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    best_epoch: int
+    best_val_mean_accuracy: float
+    images_per_second: float
+
+
+def _reseed_worker_transform(worker_id: int) -> None:
+    """Give every DataLoader worker its own (seeded, reproducible) augmentation stream."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+def make_loaders(cfg: PipelineConfig, paths: ProjectPaths, generator: torch.Generator, device: torch.device) -> dict[str, DataLoader]:
+    train_tf = train_transform(cfg.preprocess)
+    train_tf.set_random_seed(cfg.train.seed)
+    common = dict(
+        batch_size=cfg.train.batch_size,
+        num_workers=cfg.train.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.train.num_workers > 0,
+    )
+    loaders = {
+        "train": DataLoader(
+            CachedMultiTaskDataset(paths.images_cache("train"), paths.labels_cache("train"), train_tf),
+            shuffle=True,
+            drop_last=False,
+            generator=generator,
+            worker_init_fn=_reseed_worker_transform,
+            **common,
+        ),
+        "val": DataLoader(
+            CachedMultiTaskDataset(paths.images_cache("val"), paths.labels_cache("val"), eval_transform(cfg.preprocess)),
+            shuffle=False,
+            **common,
+        ),
+    }
+    return loaders
+
+
+def masked_accuracy(pred: np.ndarray, target: np.ndarray) -> float:
+    labelled = target != MISSING_LABEL
+    return float((pred[labelled] == target[labelled]).mean()) if labelled.any() else float("nan")
+
+
+class EpochStats:
+    """Running per-task loss (per labelled sample) and accuracy over one training epoch."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        self.tasks = tasks
+        self.loss_sum = dict.fromkeys(tasks, 0.0)
+        self.correct = dict.fromkeys(tasks, 0)
+        self.count = dict.fromkeys(tasks, 0)
+
+    def update(self, losses: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], y: torch.Tensor) -> None:
+        for k, t in enumerate(self.tasks):
+            labelled = y[:, k] != MISSING_LABEL
+            n = int(labelled.sum())
+            self.loss_sum[t] += float(losses[t].detach()) * n
+            self.correct[t] += int((logits[t].detach().argmax(1)[labelled] == y[labelled, k]).sum())
+            self.count[t] += n
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            t: {
+                "loss": self.loss_sum[t] / self.count[t] if self.count[t] else float("nan"),
+                "accuracy": self.correct[t] / self.count[t] if self.count[t] else float("nan"),
+            }
+            for t in self.tasks
+        }
+
+
+def validate(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: bool) -> dict[str, dict[str, float]]:
+    probs, targets = predict_loader(model, loader, device, amp)
+    out: dict[str, dict[str, float]] = {}
+    for k, t in enumerate(model.task_names):
+        y = targets[:, k]
+        labelled = y != MISSING_LABEL
+        p = probs[t][labelled]
+        nll = -np.log(np.clip(p[np.arange(len(p)), y[labelled]], 1e-12, None)).mean() if labelled.any() else float("nan")
+        out[t] = {"loss": float(nll), "accuracy": masked_accuracy(probs[t].argmax(1), y)}
+    return out
+
+
+def train_one_epoch(
+    model: MultiTaskModel,
+    loader: DataLoader,
+    weighting: LossWeighting,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    cfg: PipelineConfig,
+    epoch: int,
+    global_step: int,
+) -> tuple[dict[str, dict[str, float]], dict[str, float], int, int]:
+    """One pass over the training data; returns (per-task stats, mean task weights, images seen, steps)."""
+    model.train()
+    tasks = model.task_names
+    stats = EpochStats(tasks)
+    weight_sums = dict.fromkeys(tasks, 0.0)
+    shared = model.shared_parameters()
+    private = {t: list(model.task_parameters(t)) for t in tasks}
+    max_steps = cfg.train.max_steps_per_epoch or len(loader)
+    images = steps = 0
+    bar = tqdm(loader, total=min(max_steps, len(loader)), desc=f"epoch {epoch}", unit="batch", disable=None, leave=False)
+    for x, y in bar:
+        if steps >= max_steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, cfg.train.amp):
+            z = model.encode(x)
+            logits = model.decode(z)
+            losses = task_losses(logits, y, tasks)
+        optimizer.zero_grad(set_to_none=True)
+        ctx = StepContext(shared_params=shared, task_params=private, shared_repr=z, step=global_step + steps, epoch=epoch)
+        weights = weighting.backward(losses, ctx)
+        optimizer.step()
+        scheduler.step()
+        stats.update(losses, logits, y)
+        for t in tasks:
+            weight_sums[t] += weights[t]
+        images += len(x)
+        steps += 1
+        bar.set_postfix(loss=f"{sum(float(v.detach()) for v in losses.values()) / len(tasks):.3f}")
+    bar.close()
+    return stats.summary(), {t: w / max(steps, 1) for t, w in weight_sums.items()}, images, steps
+
+
+def _metrics(prefix: str, per_task: dict[str, dict[str, float]]) -> dict[str, float]:
+    out = {f"{prefix}/{t}/{m}": v for t, ms in per_task.items() for m, v in ms.items()}
+    for m in ("loss", "accuracy"):
+        out[f"{prefix}/mean/{m}"] = float(np.nanmean([ms[m] for ms in per_task.values()]))
+    return out
+
+
+def write_model_spec(paths: ProjectPaths, cfg: PipelineConfig, tasks: TaskSpec) -> None:
+    spec = {
+        "format": SPEC_FORMAT,
+        "arch": cfg.model.arch,
+        "backbone": cfg.model.backbone,
+        "tasks": tasks.classes,
+        "image_size": cfg.preprocess.image_size,
+        "mean": list(cfg.preprocess.mean),
+        "std": list(cfg.preprocess.std),
+    }
+    paths.model_spec.write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def plot_history(history: pd.DataFrame, tasks: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for t in tasks:
+        for split, style in (("train", "--"), ("val", "-")):
+            axes[0].plot(history["epoch"], history[f"{split}/{t}/loss"], style, label=f"{t} ({split})")
+            axes[1].plot(history["epoch"], history[f"{split}/{t}/accuracy"], style, label=f"{t} ({split})")
+    axes[0].set(title="loss per task", xlabel="epoch")
+    axes[1].set(title="accuracy per task", xlabel="epoch", ylim=(0, 1))
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
+    paths = ProjectPaths(root)
+    generator = seed_everything(cfg.train.seed)
+    device = select_device(cfg.train.device)
+    tasks = TaskSpec.load(paths.tasks_file)
+    loaders = make_loaders(cfg, paths, generator, device)
+    model = build_model(cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained).to(device)
+    weighting = build_weighting(cfg.train.weighting, tasks.names, dict(cfg.train.weighting_options)).to(device)
+    optimizer = torch.optim.AdamW(
+        [{"params": model.parameters()}, {"params": list(weighting.parameters()), "weight_decay": 0.0}],
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+    )
+    steps_per_epoch = min(cfg.train.max_steps_per_epoch or len(loaders["train"]), len(loaders["train"]))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[cfg.train.lr, cfg.train.lr], total_steps=max(1, cfg.train.epochs * steps_per_epoch), pct_start=0.15
+    )
+
+    paths.models_dir.mkdir(parents=True, exist_ok=True)
+    paths.reports_dir.mkdir(parents=True, exist_ok=True)
+    exp_id = setup_mlflow(cfg, root)
+    manifest = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)
+    log.info("train: %s on %s, %d tasks, %d training images", cfg.model.backbone, device, len(tasks.names), len(loaders["train"].dataset))
+
+    with mlflow.start_run(experiment_id=exp_id) as run:
+        write_run_info(paths, run.info.run_id, exp_id)
+        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(cfg.model_dump(mode="json")).items()})
+        tags = {"mtl.stage": "train", "mtl.device": str(device), **ingested_data_hash(root)}
+        if commit := git_commit(root):
+            tags["git_commit"] = commit
+        mlflow.set_tags(tags)
+        with warnings.catch_warnings():  # a local path matches two equivalent MLflow source types
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(manifest, source=str(paths.manifest.resolve()), name=cfg.data.source)
+        mlflow.log_input(dataset, context="training")
+        mlflow.log_artifact(str(paths.data_report), artifact_path="data")
+        if (root / "params.yaml").is_file():
+            mlflow.log_artifact(str(root / "params.yaml"))
+
+        history: list[dict[str, float]] = []
+        best = (-math.inf, 0)
+        total_images, total_seconds, global_step = 0, 0.0, 0
+        for epoch in range(1, cfg.train.epochs + 1):
+            t0 = time.perf_counter()
+            train_stats, mean_weights, images, steps = train_one_epoch(
+                model, loaders["train"], weighting, optimizer, scheduler, device, cfg, epoch, global_step
+            )
+            seconds = time.perf_counter() - t0
+            total_images, total_seconds, global_step = total_images + images, total_seconds + seconds, global_step + steps
+            weighting.on_epoch_end(epoch, {t: s["loss"] for t, s in train_stats.items()})
+            val_stats = validate(model, loaders["val"], device, cfg.train.amp)
+            row = {"epoch": epoch, **_metrics("train", train_stats), **_metrics("val", val_stats)}
+            row.update({f"weight/{t}": w for t, w in mean_weights.items()})
+            row["train/images_per_second"] = images / seconds
+            row["lr"] = scheduler.get_last_lr()[0]
+            history.append(row)
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+            torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, paths.checkpoint)
+            if row["val/mean/accuracy"] > best[0]:
+                best = (row["val/mean/accuracy"], epoch)
+                save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, paths.weights)
+            log.info(
+                "epoch %d/%d: train loss %.3f, val mean accuracy %.3f (%s), %.1f images/s",
+                epoch, cfg.train.epochs, row["train/mean/loss"], row["val/mean/accuracy"],
+                ", ".join(f"{t} {s['accuracy']:.3f}" for t, s in val_stats.items()), images / seconds,
+            )  # fmt: skip
+
+        throughput = total_images / total_seconds if total_seconds else 0.0
+        print(f"train: {throughput:.1f} images/s on {device} ({total_images} images in {total_seconds:.1f} s)")
+        frame = pd.DataFrame(history)
+        frame.to_csv(paths.train_history, index=False, quoting=csv.QUOTE_MINIMAL)
+        plot_history(frame, tasks.names, paths.reports_dir / "training_curves.png")
+        mlflow.log_artifact(str(paths.reports_dir / "training_curves.png"), artifact_path="plots")
+        summary = {
+            "best_epoch": best[1],
+            "best_val_mean_accuracy": best[0],
+            "images_per_second": throughput,
+            "train_seconds": total_seconds,
+            "device": str(device),
+            "val": {t: history[best[1] - 1][f"val/{t}/accuracy"] for t in tasks.names},
+        }
+        paths.train_metrics.write_text(json.dumps(summary, indent=2) + "\n")
+        mlflow.log_metrics({"train/throughput_images_per_second": throughput, "val/best/mean_accuracy": best[0]})
+        write_model_spec(paths, cfg, tasks)
+        mlflow.log_artifact(str(paths.model_spec), artifact_path="model_spec")
+        return TrainResult(run.info.run_id, best[1], best[0], throughput)

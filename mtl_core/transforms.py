@@ -1,0 +1,63 @@
+"""Image transforms: one resize shared by preprocessing and serving, and Albumentations pipelines.
+
+The training augmentation is declared in params.yaml (`preprocess.augment`, a list of Albumentations
+transform names with their arguments) and applied on the fly in the DataLoader workers; evaluation and
+serving use only the deterministic part (resize, normalise), so there is no train/serve skew.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
+
+from collections.abc import Sequence  # noqa: E402
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mtl_core.config import AugmentStep, PreprocessConfig  # noqa: E402
+
+
+class TransformConfigError(ValueError):
+    """An augmentation step in params.yaml names an unknown transform or bad arguments."""
+
+
+def resize_rgb(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """Any image -> uint8 RGB array (size, size, 3). Pillow's antialiased bilinear, used everywhere."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _build_step(index: int, step: AugmentStep) -> A.BasicTransform:
+    cls = getattr(A, step.name, None)
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        raise TransformConfigError(
+            f"params.yaml preprocess.augment[{index}]: unknown Albumentations transform {step.name!r}"
+        )
+    try:
+        return cls(**step.kwargs)
+    except Exception as err:  # albumentations validates arguments with pydantic / plain TypeErrors
+        raise TransformConfigError(
+            f"params.yaml preprocess.augment[{index}] ({step.name}): invalid arguments {step.kwargs}: {err}"
+        ) from None
+
+
+def _normalize(cfg: PreprocessConfig) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=255.0), ToTensorV2()]
+
+
+def train_transform(cfg: PreprocessConfig) -> A.Compose:
+    steps: Sequence[A.BasicTransform] = [_build_step(i, s) for i, s in enumerate(cfg.augment)]
+    return A.Compose([*steps, *_normalize(cfg)])
+
+
+def eval_transform(cfg: PreprocessConfig) -> A.Compose:
+    return A.Compose(_normalize(cfg))

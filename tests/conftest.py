@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny projects on the built-in dataset, an isolated MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# A pipeline small enough for CPU tests: ~240 images, a small CNN, one short epoch.
+TINY_PARAMS = {
+    "data": {"builtin": {"num_images": 240, "seed": 0}},
+    "model": {"backbone": "small_cnn"},
+    "train": {"epochs": 2, "batch_size": 32, "num_workers": 0, "lr": 0.003},
+}
+
+
+def deep_update(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_params(root: Path, overrides: dict | None = None) -> Path:
+    """The repository's params.yaml with test overrides, written into `root`."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = deep_update(params, deep_update(TINY_PARAMS, overrides or {}))
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never touch a user's MLflow server or the repository's mlflow.db."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    (root / "data" / "datasets").mkdir(parents=True)
+    write_params(root)
+    return root
+
+
+def copy_working_tree(dest: Path) -> Path:
+    """A fresh git clone of the working tree as it is now (tracked and untracked-not-ignored files).
+
+    CI runs on a clean checkout, where this equals `git clone`; during development it also carries
+    uncommitted changes, so the end-to-end tests test the code under review.
+    """
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        src = REPO_ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git = ["git", "-c", "user.email=test@example.com", "-c", "user.name=test"]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "test clone"], cwd=dest, check=True)
+    return dest
+
+
+def stage_env(root: Path) -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's bin first on PATH (for `mtl`), offline tools."""
+    import sys
+
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PREFECT_HOME"] = str(root / ".prefect-home")
+    env["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    return env
