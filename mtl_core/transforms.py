@@ -8,6 +8,7 @@ serving use only the deterministic part (resize, normalise), so there is no trai
 from __future__ import annotations
 
 import os
+import warnings
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
 
@@ -43,7 +44,10 @@ def _build_step(index: int, step: AugmentStep) -> A.BasicTransform:
             f"params.yaml preprocess.augment[{index}]: unknown Albumentations transform {step.name!r}"
         )
     try:
-        return cls(**step.kwargs)
+        with warnings.catch_warnings():
+            # Albumentations only warns about unknown arguments and then ignores them: refuse instead.
+            warnings.filterwarnings("error", message=".*are not valid for transform", category=UserWarning)
+            return cls(**step.kwargs)
     except Exception as err:  # albumentations validates arguments with pydantic / plain TypeErrors
         raise TransformConfigError(
             f"params.yaml preprocess.augment[{index}] ({step.name}): invalid arguments {step.kwargs}: {err}"

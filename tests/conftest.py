@@ -11,6 +11,9 @@ import pytest
 import yaml
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Tests never touch a user's MLflow server: every store is a SQLite file inside a test's folder.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,18 +41,24 @@ def write_params(root: Path, overrides: dict | None = None) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never touch a user's MLflow server or the repository's mlflow.db."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-
-
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
     (root / "data" / "datasets").mkdir(parents=True)
     write_params(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project taken through ingest, preprocess, train and evaluate once, shared by stage tests."""
+    from mtl_core.pipeline import run_stage
+
+    root = tmp_path_factory.mktemp("trained") / "project"
+    (root / "data" / "datasets").mkdir(parents=True)
+    write_params(root)
+    for stage in ("ingest", "preprocess", "train", "evaluate"):
+        run_stage(stage, root=root)
     return root
 
 

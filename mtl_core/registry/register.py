@@ -66,9 +66,9 @@ def _current_champion(client: MlflowClient, name: str) -> tuple[str | None, floa
     except MlflowException:
         return None, None
     if SCORE_TAG in champ.tags:
-        return champ.version, float(champ.tags[SCORE_TAG])
+        return str(champ.version), float(champ.tags[SCORE_TAG])
     metrics = client.get_run(champ.run_id).data.metrics if champ.run_id else {}
-    return champ.version, metrics.get("test/mean/accuracy")
+    return str(champ.version), metrics.get("test/mean/accuracy")
 
 
 def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
@@ -95,13 +95,13 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
         )
         client = MlflowClient()
         prev_version, prev_score = _current_champion(client, name)
-        version = mlflow.register_model(info.model_uri, name).version
+        version = str(mlflow.register_model(info.model_uri, name).version)
         client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
         client.update_model_version(name, version, description=f"mean test accuracy {score:.4f} (run {run.info.run_id})")
 
         if prev_version is None or prev_score is None or score > prev_score:
             client.set_registered_model_alias(name, CHAMPION, version)
-            moved, champion = True, str(version)
+            moved, champion = True, version
             reason = (
                 f"no previous champion; version {version} is champion"
                 if prev_version is None
@@ -109,7 +109,7 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
             )
             log.info("register: %s", reason)
         else:
-            moved, champion = False, str(prev_version)
+            moved, champion = False, prev_version
             reason = (
                 f"version {version} ({score:.4f}) does not beat champion version {prev_version} "
                 f"({prev_score:.4f}); alias '{CHAMPION}' left on version {prev_version}"
@@ -118,7 +118,7 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
 
         report = RegistryReport(
             model_name=name,
-            version=str(version),
+            version=version,
             run_id=run.info.run_id,
             model_uri=f"models:/{name}/{version}",
             mean_test_accuracy=score,
@@ -130,5 +130,5 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
         )
         paths.registry_report.write_text(json.dumps(asdict(report), indent=2) + "\n")
         mlflow.log_artifact(str(paths.registry_report), artifact_path="registry")
-        mlflow.set_tags({"mtl.registered_model": name, "mtl.registered_version": str(version)})
+        mlflow.set_tags({"mtl.registered_model": name, "mtl.registered_version": version})
     return report

@@ -159,6 +159,9 @@ def train_one_epoch(
         weights = weighting.backward(losses, ctx)
         optimizer.step()
         scheduler.step()
+        if weighting.needs_losses_after_step:  # FAMO: the same batch's losses under the updated weights
+            with torch.no_grad(), autocast(device, cfg.train.amp):
+                weighting.after_step(task_losses(model(x), y, tasks))
         stats.update(losses, logits, y)
         for t in tasks:
             weight_sums[t] += weights[t]

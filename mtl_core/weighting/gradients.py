@@ -1,0 +1,151 @@
+"""Per-task gradient plumbing shared by the gradient-balancing methods.
+
+Two places to take the K per-task gradients from (the `on` option of every gradient-balancing method):
+
+* `on: params` (default) -- gradients w.r.t. the shared parameters `ctx.shared_params`, flattened to
+  G (K, P). Cost: K backward passes through the whole network (graph kept alive between them) and
+  K*P extra floats for G. The combined gradient is written straight into the shared `.grad`.
+* `on: representation` -- gradients w.r.t. the shared representation `ctx.shared_repr` (the batch's
+  backbone output, B x F...), flattened to G (K, B*F). Cost: K backward passes through the HEADS only,
+  then ONE backward through the backbone with the combined representation gradient; memory K*B*F.
+  This is the "upper bound" variant of Sener & Koltun (MGDA-UB); it assumes the losses depend on the
+  backbone only through `shared_repr`.
+
+In both modes each head receives the plain gradient of its own task's loss (weight 1), taken in the
+same backward pass as its task's shared gradient. Every method is a function of the K x K Gram
+matrix G G^T (and the losses) returning weights w (K,); the combined gradient is d = w @ G, so w is
+exactly the effective per-task weight that `backward` reports.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mtl_core.weighting.base import LossWeighting, StepContext
+
+GradientSource = Literal["params", "representation"]
+
+
+def trainable(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p for p in params if p.requires_grad]
+
+
+def flatten(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    """Concatenate gradients into one vector; a None (unused tensor) counts as zeros."""
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, like)]
+    )
+
+
+def accumulate_grad(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """Add `grads` into `p.grad` (creating it), like `Tensor.backward` does."""
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        g = g.detach().to(p.dtype)
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.add_(g)
+
+
+def accumulate_flat_grad(params: Sequence[Tensor], vec: Tensor) -> None:
+    """Split the flat vector `vec` along `params` and add the pieces into their `.grad`."""
+    pieces, offset = [], 0
+    for p in params:
+        pieces.append(vec[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    if offset != vec.numel():
+        raise ValueError(f"gradient vector has {vec.numel()} entries, parameters {offset}")
+    accumulate_grad(params, pieces)
+
+
+def task_gradients(
+    losses: Sequence[Tensor],
+    wrt: Sequence[Tensor],
+    heads: Sequence[Sequence[Tensor]] | None = None,
+    retain_graph: bool = True,
+) -> Tensor:
+    """G (K, D): row k is the flattened gradient of losses[k] w.r.t. `wrt` (K backward passes).
+
+    If `heads` is given, the gradient of losses[k] w.r.t. heads[k] is taken in the same pass and
+    accumulated into their `.grad`. With retain_graph=False the graph is freed by the last pass.
+    """
+    rows = []
+    for k, loss in enumerate(losses):
+        head = trainable(heads[k]) if heads is not None else []
+        keep = retain_graph or k < len(losses) - 1
+        grads = torch.autograd.grad(loss, [*wrt, *head], retain_graph=keep, allow_unused=True)
+        rows.append(flatten(grads[: len(wrt)], wrt))
+        accumulate_grad(head, grads[len(wrt) :])
+    return torch.stack(rows)
+
+
+def gram_matrix(grads: Tensor) -> Tensor:
+    """G G^T as a float64 CPU tensor (the small K x K problem every method solves)."""
+    g = grads if grads.dtype == torch.float64 else grads.float()
+    return (g @ g.T).double().cpu()
+
+
+def combine(grads: Tensor, weights: Tensor) -> Tensor:
+    """d = sum_k weights[k] * grads[k]."""
+    return weights.to(device=grads.device, dtype=grads.dtype) @ grads
+
+
+def check_source(on: str) -> GradientSource:
+    if on not in ("params", "representation"):
+        raise ValueError(f"option 'on' must be 'params' or 'representation', got {on!r}")
+    return on  # type: ignore[return-value]
+
+
+def shared_task_gradients(
+    losses: Sequence[Tensor], task_names: Sequence[str], ctx: StepContext, on: GradientSource
+) -> Tensor:
+    """Per-task gradients on the shared params or representation; heads get their own task's grads."""
+    heads = [ctx.task_params.get(t, []) for t in task_names]
+    if on == "params":
+        return task_gradients(losses, trainable(ctx.shared_params), heads, retain_graph=False)
+    if ctx.shared_repr is None or not ctx.shared_repr.requires_grad:
+        raise ValueError("on: representation needs ctx.shared_repr (the backbone output, not detached)")
+    return task_gradients(losses, [ctx.shared_repr], heads, retain_graph=True)
+
+
+def apply_shared_gradient(combined: Tensor, ctx: StepContext, on: GradientSource) -> None:
+    """Write the combined gradient: into the shared `.grad`, or backpropagate it through the backbone."""
+    if on == "params":
+        accumulate_flat_grad(trainable(ctx.shared_params), combined)
+    else:
+        assert ctx.shared_repr is not None
+        ctx.shared_repr.backward(combined.view_as(ctx.shared_repr).to(ctx.shared_repr.dtype))
+
+
+class GradientBalancing(LossWeighting):
+    """Base of the methods that combine per-task gradients (option `on`: params | representation)."""
+
+    def __init__(self, task_names: Sequence[str], *, on: str = "params", **options: Any) -> None:
+        super().__init__(task_names, **options)
+        self.on = check_source(on)
+
+    @abstractmethod
+    def combine_weights(self, gram: Tensor, losses: Tensor) -> Tensor:
+        """Weights w (K,), float64, from the Gram matrix (K, K, float64) and detached losses (K,)."""
+
+    def backward(self, losses: dict[str, Tensor], ctx: StepContext) -> dict[str, float]:
+        stacked = self.stack_losses(losses)
+        grads = shared_task_gradients([losses[t] for t in self.task_names], self.task_names, ctx, self.on)
+        w = self.combine_weights(gram_matrix(grads), stacked.detach().double().cpu())
+        apply_shared_gradient(combine(grads, w), ctx, self.on)
+        return self.as_dict(w)
+
+
+def last_shared_layer(params: Sequence[nn.Parameter]) -> list[Tensor]:
+    """The last trainable shared parameter with >= 2 dims (the last layer's weight, GradNorm's W)."""
+    for p in reversed(trainable(params)):
+        if p.dim() >= 2:
+            return [p]
+    raise ValueError("ctx.shared_params has no trainable weight matrix / kernel (parameter with >= 2 dims)")

@@ -1,0 +1,102 @@
+"""End to end: `dvc repro` in a fresh clone on a small built-in dataset, everything read back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.conftest import copy_working_tree, stage_env, write_params
+
+pytestmark = pytest.mark.e2e
+TASKS = ["shape", "color", "size", "position"]
+
+
+def dvc(clone: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=clone, env=stage_env(clone),
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    clone = copy_working_tree(tmp_path_factory.mktemp("e2e") / "repo")
+    write_params(clone)
+    proc = dvc(clone, "repro")
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return clone
+
+
+def test_every_stage_output_exists(repro: Path):
+    for rel in [
+        "data/builtin/shapes/labels.csv", "data/ingested/manifest.csv", "data/ingested/data_report.json",
+        "data/preprocessed/train_images.npy", "models/model.safetensors", "models/checkpoint.pt",
+        "models/model_spec.json", "models/mlflow_run.json", "reports/train_history.csv",
+        "reports/test_metrics.json", "reports/registry.json", *[f"reports/confusion/{t}.png" for t in TASKS],
+    ]:  # fmt: skip
+        assert (repro / rel).is_file(), rel
+    lock = yaml.safe_load((repro / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"ingest", "preprocess", "train", "evaluate", "register"}
+
+
+def test_repro_again_is_up_to_date(repro: Path):
+    status = dvc(repro, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
+    again = dvc(repro, "repro")
+    assert again.returncode == 0
+    assert "Data and pipelines are up to date." in again.stdout, again.stdout
+    assert "Running stage" not in again.stdout
+
+
+def test_dvc_metrics_and_plots(repro: Path):
+    shown = dvc(repro, "metrics", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    metrics = json.loads(shown.stdout)
+    test = next(iter(metrics.values()))["data"]["reports/test_metrics.json"]["data"]
+    assert set(test["tasks"]) == set(TASKS) and 0 <= test["mean"]["accuracy"] <= 1
+    plots = dvc(repro, "plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr
+    names = json.dumps(json.loads(plots.stdout))
+    assert "reports/predictions" in names and "reports/confusion/shape.png" in names and "Mean accuracy per epoch" in names
+
+
+def test_mlflow_run_registry_and_loaded_model(repro: Path, monkeypatch: pytest.MonkeyPatch):
+    mlflow.set_tracking_uri(f"sqlite:///{repro / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = json.loads((repro / "models" / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    metrics = json.loads((repro / "reports" / "test_metrics.json").read_text())
+    for t in TASKS:
+        assert run.data.metrics[f"test/{t}/accuracy"] == pytest.approx(metrics["tasks"][t]["accuracy"])
+        assert run.data.metrics[f"test/{t}/f1_macro"] == pytest.approx(metrics["tasks"][t]["f1_macro"])
+    # the run is tagged with the commit and with the DVC hash of the ingested data
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repro, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["git_commit"] == commit
+    lock = yaml.safe_load((repro / "dvc.lock").read_text())
+    manifest_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/ingested/manifest.csv")
+    assert run.data.tags["dvc.data_md5"] == manifest_md5
+
+    version = client.get_model_version_by_alias("mtl-shapes", "champion")
+    assert str(version.version) == "1" and version.run_id == run_id
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model("models:/mtl-shapes@champion")
+    manifest = __import__("pandas").read_csv(repro / "data" / "ingested" / "manifest.csv")
+    row = manifest[manifest["split"] == "test"].iloc[0]
+    image = np.asarray(Image.open(repro / row["path"]).convert("RGB"))
+    out = model.predict(image[None])
+    spec = json.loads((repro / "models" / "model_spec.json").read_text())
+    for t in TASKS:
+        assert out[t].iloc[0] in spec["tasks"][t]
+        assert 0 < out[f"{t}_probability"].iloc[0] <= 1
+    predicted = __import__("pandas").read_csv(repro / "reports" / "predictions" / "shape.csv")["predicted"].iloc[0]
+    assert out["shape"].iloc[0] == predicted  # same image, same answer as the evaluate stage

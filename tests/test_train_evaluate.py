@@ -1,0 +1,100 @@
+"""Stages `train` and `evaluate` on a tiny built-in dataset: files and MLflow records read back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mtl_core.config import load_config
+from mtl_core.models.io import load_model
+from mtl_core.paths import ProjectPaths
+from mtl_core.tracking import read_run_info, tracking_uri
+from mtl_core.training.device import seed_everything
+from mtl_core.training.train import make_loaders, validate
+
+TASKS = ["shape", "color", "size", "position"]
+
+
+@pytest.fixture(scope="module")
+def project(trained_project: Path):
+    cfg = load_config(trained_project / "params.yaml")
+    mlflow.set_tracking_uri(tracking_uri(cfg, trained_project))
+    paths = ProjectPaths(trained_project)
+    run = MlflowClient().get_run(read_run_info(paths)["run_id"])
+    return trained_project, cfg, paths, run
+
+
+def test_train_writes_checkpoint_weights_spec_and_class_names(project):
+    root, cfg, paths, _ = project
+    spec = json.loads(paths.model_spec.read_text())
+    assert list(spec["tasks"]) == TASKS
+    assert spec["tasks"]["color"] == ["blue", "cyan", "green", "magenta", "red", "yellow"]
+    ckpt = torch.load(paths.checkpoint, weights_only=True)  # loads without unpickling arbitrary objects
+    assert ckpt["epoch"] == cfg.train.epochs
+    assert set(ckpt["model"]) >= {"heads.shape.weight", "heads.position.bias"}
+
+
+def test_best_weights_reproduce_the_recorded_validation_accuracy(project):
+    root, cfg, paths, _ = project
+    summary = json.loads(paths.train_metrics.read_text())
+    model, _ = load_model(paths.model_spec, paths.weights)
+    loaders = make_loaders(cfg, paths, seed_everything(0), torch.device("cpu"))
+    val = validate(model, loaders["val"], torch.device("cpu"), amp=False)
+    assert np.mean([val[t]["accuracy"] for t in TASKS]) == pytest.approx(summary["best_val_mean_accuracy"], abs=1e-9)
+    assert summary["images_per_second"] > 0
+
+
+def test_mlflow_run_has_per_epoch_per_task_metrics_params_tags_and_dataset(project):
+    root, cfg, paths, run = project
+    client = MlflowClient()
+    history = pd.read_csv(paths.train_history)
+    assert list(history["epoch"]) == list(range(1, cfg.train.epochs + 1))
+    for t in TASKS:
+        for split in ("train", "val"):
+            for m in ("loss", "accuracy"):
+                key = f"{split}/{t}/{m}"
+                logged = client.get_metric_history(run.info.run_id, key)
+                assert [p.step for p in logged] == list(history["epoch"])
+                assert [p.value for p in logged] == pytest.approx(list(history[key]))
+    assert run.data.params["train.epochs"] == str(cfg.train.epochs)
+    assert run.data.params["model.backbone"] == "small_cnn"
+    assert run.data.tags["data.manifest_sha256"] == hashlib.sha256(paths.manifest.read_bytes()).hexdigest()
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "builtin:shapes"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"data", "plots", "params.yaml", "model_spec"} <= artifacts
+
+
+def test_evaluate_metrics_match_the_written_predictions(project):
+    root, cfg, paths, run = project
+    metrics = json.loads(paths.test_metrics.read_text())
+    n_test = len(np.load(paths.labels_cache("test")))
+    for t in TASKS:
+        pred = pd.read_csv(paths.predictions_dir / f"{t}.csv")
+        assert len(pred) == n_test == metrics["tasks"][t]["support"]
+        assert metrics["tasks"][t]["accuracy"] == pytest.approx((pred["actual"] == pred["predicted"]).mean(), abs=1e-6)
+        # macro recall by hand: mean over classes present of the per-class hit rate
+        recalls = [(g["predicted"] == c).mean() for c, g in pred.groupby("actual")]
+        assert metrics["tasks"][t]["recall_macro"] == pytest.approx(np.mean(recalls), abs=1e-6)
+        assert (paths.confusion_dir / f"{t}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert metrics["mean"]["accuracy"] == pytest.approx(np.mean([metrics["tasks"][t]["accuracy"] for t in TASKS]))
+
+
+def test_evaluate_logs_into_the_training_run(project):
+    root, cfg, paths, run = project
+    metrics = json.loads(paths.test_metrics.read_text())
+    logged = MlflowClient().get_run(run.info.run_id).data.metrics
+    for t in TASKS:
+        for m in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+            assert logged[f"test/{t}/{m}"] == pytest.approx(metrics["tasks"][t][m])
+    assert logged["test/mean/accuracy"] == pytest.approx(metrics["mean"]["accuracy"])
+    confusion = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots/confusion")}
+    assert confusion == {f"plots/confusion/{t}.png" for t in TASKS}
