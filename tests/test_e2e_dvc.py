@@ -100,3 +100,81 @@ def test_mlflow_run_registry_and_loaded_model(repro: Path, monkeypatch: pytest.M
         assert 0 < out[f"{t}_probability"].iloc[0] <= 1
     predicted = __import__("pandas").read_csv(repro / "reports" / "predictions" / "shape.csv")["predicted"].iloc[0]
     assert out["shape"].iloc[0] == predicted  # same image, same answer as the evaluate stage
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_server_shows_run_metrics_plots_and_champion(repro: Path, tmp_path: Path):
+    """What a user sees in `mlflow ui`: served over the REST API from the pipeline's SQLite store."""
+    import time
+    import urllib.parse
+    import urllib.request
+
+    port = _free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{repro / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=repro, env=stage_env(repro), stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def get(endpoint: str, **query: str) -> bytes:
+        url = f"{base}{endpoint}" + ("?" + urllib.parse.urlencode(query) if query else "")
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.status == 200
+            return r.read()
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                get("/health")
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "mlflow-server.log").read_text()[-3000:]) from None
+                time.sleep(1)
+        assert b"<html" in get("/").lower()  # the UI itself
+        alias = json.loads(get("/api/2.0/mlflow/registered-models/alias", name="mtl-shapes", alias="champion"))
+        run_id = alias["model_version"]["run_id"]
+        assert str(alias["model_version"]["version"]) == "1"
+        run = json.loads(get("/api/2.0/mlflow/runs/get", run_id=run_id))["run"]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        expected = json.loads((repro / "reports" / "test_metrics.json").read_text())
+        for t in TASKS:
+            assert metrics[f"test/{t}/accuracy"] == pytest.approx(expected["tasks"][t]["accuracy"])
+        listing = json.loads(get("/api/2.0/mlflow/artifacts/list", run_id=run_id, path="plots/confusion"))
+        assert {f["path"] for f in listing["files"]} == {f"plots/confusion/{t}.png" for t in TASKS}
+        png = get("/get-artifact", path="plots/confusion/shape.png", run_uuid=run_id)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def test_user_csv_is_one_params_line_away_and_tracked_by_dvc(tmp_path: Path):
+    from tests.test_ingest import make_faces
+
+    clone = copy_working_tree(tmp_path / "repo")
+    csv = make_faces(clone, n=30)
+    write_params(clone, {"data": {"source": "data/datasets/faces/labels.csv"}})
+    proc = dvc(clone, "repro", "ingest")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = __import__("pandas").read_csv(clone / "data" / "ingested" / "manifest.csv")
+    assert len(manifest) == 30 and list(manifest.columns)[2:] == ["gender", "age_group", "glasses", "split"]
+    assert json.loads(dvc(clone, "status", "ingest", "--json").stdout) == {}
+    # changing an image of the user's dataset makes the ingest stage stale
+    Image.new("RGB", (24, 24), "red").save(csv.parent / "images" / "0.png")
+    status = json.loads(dvc(clone, "status", "ingest", "--json").stdout)
+    assert "ingest" in status and "data/datasets" in json.dumps(status["ingest"])

@@ -28,7 +28,7 @@ def test_shared_and_task_parameters_partition_the_model():
 def test_unknown_backbone_and_arch_list_the_choices():
     with pytest.raises(ValueError, match="unknown model.backbone 'resnet9'; available: .*resnet18"):
         build_model("hard_sharing", NUM_CLASSES, "resnet9")
-    with pytest.raises(ValueError, match="unknown model.arch 'soft'; available: hard_sharing"):
+    with pytest.raises(ValueError, match="unknown model.arch 'soft'; available: cross_stitch, hard_sharing, mmoe"):
         build_model("soft", NUM_CLASSES, "small_cnn")
 
 

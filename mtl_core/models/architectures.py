@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl_core.models.backbones import build_backbone
+from mtl_core.models.stages import split_stages
 
 
 class MultiTaskModel(nn.Module):
@@ -36,6 +37,13 @@ class MultiTaskModel(nn.Module):
     @abstractmethod
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters used by one task only."""
+
+    @property
+    def exact_representation_gradients(self) -> bool:
+        """Whether task losses reach every task-specific parameter only after `encode` (so methods with
+        `on: representation` compute exact gradients). False when task-specific parameters sit inside
+        the encoder (cross-stitch branches)."""
+        return True
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.decode(self.encode(x))
@@ -73,6 +81,170 @@ class HardSharing(MultiTaskModel):
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.heads[task].parameters()
+
+
+@register_architecture("mmoe")
+class MultiGateMixtureOfExperts(MultiTaskModel):
+    """Multi-gate Mixture-of-Experts, MMoE (Ma, Zhao, Yi, Chen, Hong & Chi 2018, "Modeling Task
+    Relationships in Multi-task Learning with Multi-gate Mixture-of-Experts", KDD).
+
+    The backbone gives features f (N, D). `num_experts` shared experts (each Linear(D, H) + ReLU, H =
+    `expert_dim`, default D // 2) map f to e_1..e_E (N, H); each task t has its own softmax gate
+    g_t = softmax(Linear(D, E)(f)) and head: logits_t = head_t(sum_e g_t,e * e_e).
+
+    Shared / task-specific: backbone + experts are shared; task t's gate and head are its own.
+    Representation (`encode`): concat(f, e_1, ..., e_E) of shape (N, D + E*H) -- everything the gates
+    and heads need, so `decode` holds exactly the task-specific parameters and representation-gradient
+    methods (`on: representation`) see the losses depend on the backbone and experts only through it.
+
+    Cost relative to hard sharing: the same backbone pass, plus E*(D*H + H) expert parameters,
+    K*(D*E + E) gate parameters and heads on H instead of D inputs (resnet18, D=512, E=4, H=256:
+    ~0.53 M extra parameters on an 11.2 M backbone); compute and memory are a few small matmuls on
+    (N, D) features -- negligible next to the backbone. `on: representation` costs K*N*(D + E*H)
+    floats instead of K*N*D.
+    """
+
+    def __init__(
+        self,
+        num_classes: dict[str, int],
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        num_experts: int = 4,
+        expert_dim: int | None = None,
+    ) -> None:
+        super().__init__(num_classes)
+        if num_experts < 1:
+            raise ValueError(f"mmoe needs at least one expert, got num_experts={num_experts}")
+        self.backbone, dim = build_backbone(backbone, pretrained)
+        self.feature_dim = dim
+        self.num_experts = num_experts
+        self.expert_dim = expert_dim or max(dim // 2, 1)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, self.expert_dim), nn.ReLU()) for _ in range(num_experts)
+        )
+        self.gates = nn.ModuleDict({t: nn.Linear(dim, num_experts) for t in num_classes})
+        self.heads = nn.ModuleDict({t: nn.Linear(self.expert_dim, n) for t, n in num_classes.items()})
+
+    def encode(self, x: Tensor) -> Tensor:
+        f = self.backbone(x)
+        experts = torch.stack([expert(f) for expert in self.experts], dim=1)  # (N, E, H)
+        return torch.cat([f, experts.flatten(1).to(f.dtype)], dim=1)
+
+    def split(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The representation split back into features f (N, D) and expert outputs (N, E, H)."""
+        return z[:, : self.feature_dim], z[:, self.feature_dim :].unflatten(1, (self.num_experts, self.expert_dim))
+
+    def gate(self, task: str, f: Tensor) -> Tensor:
+        """Task `task`'s mixture weights (N, E): a softmax over the experts."""
+        return torch.softmax(self.gates[task](f), dim=1)
+
+    def decode(self, z: Tensor) -> dict[str, Tensor]:
+        f, experts = self.split(z)
+        out = {}
+        for t, head in self.heads.items():
+            g = self.gate(t, f)
+            out[t] = head(torch.einsum("ne,neh->nh", g.to(experts.dtype), experts))
+        return out
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        yield from self.gates[task].parameters()
+        yield from self.heads[task].parameters()
+
+
+class CrossStitchUnit(nn.Module):
+    """Mixes K task activations linearly: out_i = sum_j alpha[i, j] * in_j (alpha learned, K x K).
+
+    Initialised to `alpha_same` on the diagonal and (1 - alpha_same) / (K - 1) off it, so rows sum to
+    one (for K = 1 alpha is [[1]]: nothing to mix)."""
+
+    def __init__(self, num_tasks: int, alpha_same: float = 0.9) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(self.initial_alpha(num_tasks, alpha_same))
+
+    @staticmethod
+    def initial_alpha(num_tasks: int, alpha_same: float = 0.9) -> Tensor:
+        if num_tasks == 1:
+            return torch.ones(1, 1)
+        alpha = torch.full((num_tasks, num_tasks), (1.0 - alpha_same) / (num_tasks - 1))
+        return alpha.fill_diagonal_(alpha_same)
+
+    def forward(self, xs: list[Tensor]) -> list[Tensor]:
+        stacked = torch.stack(xs)  # (K, N, ...)
+        return list(torch.einsum("ij,j...->i...", self.alpha.to(stacked.dtype), stacked).unbind(0))
+
+
+@register_architecture("cross_stitch")
+class CrossStitch(MultiTaskModel):
+    """Cross-stitch networks (Misra, Shrivastava, Gupta & Hebert 2016, "Cross-stitch Networks for
+    Multi-task Learning", CVPR).
+
+    One copy of the backbone per task (branch t), split into sequential stages (`stages.split_stages`:
+    ResNet stem + layer1..4, small_cnn's conv blocks, ~4 groups of `features` for MobileNetV3 /
+    EfficientNet / ConvNeXt). After every stage a cross-stitch unit (a learned K x K matrix, initialised
+    to 0.9 on the diagonal and 0.1 / (K - 1) off it, the paper's (alpha_S, alpha_D) = (0.9, 0.1)) mixes
+    the K branches' activations; each branch then pools its activations and task t's linear head reads
+    branch t. With identity stitches the model is exactly K independent single-task networks.
+
+    Shared / task-specific (the honest consequence of one backbone per task): task t's parameters are
+    its backbone copy and its head; `shared_parameters()` are only the cross-stitch units. Hence
+    gradient-balancing methods with `on: params` balance only the stitch units; each branch and head is
+    trained on the gradient of its own task's loss alone (the gradient other tasks' losses send into
+    branch t through the stitches is dropped; loss-weighting methods such as `equal` backpropagate the
+    weighted sum and keep it). `encode` returns the stacked per-task final features (N, K, D) and
+    `decode` applies head t to slice t. Caveat for `on: representation`: the branches lie before that
+    representation, so each branch would get its own task's gradient directly AND the combined
+    gradient through the representation; use `on: params` (or `task_specific_branches=False`, which
+    makes everything but the heads shared, so that gradient balancing acts on all K backbones and the
+    stitches -- K x K x P memory for `on: params` -- and `on: representation` is exact).
+
+    Cost relative to hard sharing: K x the backbone -- K x the parameters, FLOPs and activation memory
+    (e.g. 3 tasks on resnet18: 33.5 M instead of 11.2 M parameters) -- plus K^2 parameters per stitch
+    unit and one K-way mix of each stage's activations. The paper also trains the stitch units with a
+    larger learning rate than the rest; here they use the optimizer's learning rate like every parameter.
+    """
+
+    def __init__(
+        self,
+        num_classes: dict[str, int],
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        alpha_same: float = 0.9,
+        task_specific_branches: bool = True,
+    ) -> None:
+        super().__init__(num_classes)
+        self.backbone_name = backbone
+        self.task_specific_branches = task_specific_branches
+        self.branches = nn.ModuleDict()
+        self.pools = nn.ModuleDict()
+        dims = set()
+        for t in self.task_names:
+            net, dim = build_backbone(backbone, pretrained)
+            stages, pool = split_stages(net, backbone)
+            self.branches[t], self.pools[t] = stages, pool
+            dims.add(dim)
+        (dim,) = dims
+        num_stages = len(self.branches[self.task_names[0]])
+        self.stitches = nn.ModuleList(CrossStitchUnit(len(self.task_names), alpha_same) for _ in range(num_stages))
+        self.heads = nn.ModuleDict({t: nn.Linear(dim, n) for t, n in num_classes.items()})
+
+    @property
+    def exact_representation_gradients(self) -> bool:
+        return not self.task_specific_branches
+
+    def encode(self, x: Tensor) -> Tensor:
+        hs = [x] * len(self.task_names)
+        for s, stitch in enumerate(self.stitches):
+            hs = stitch([self.branches[t][s](h) for t, h in zip(self.task_names, hs)])
+        return torch.stack([self.pools[t](h) for t, h in zip(self.task_names, hs)], dim=1)  # (N, K, D)
+
+    def decode(self, z: Tensor) -> dict[str, Tensor]:
+        return {t: self.heads[t](z[:, k]) for k, t in enumerate(self.task_names)}
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        if self.task_specific_branches:
+            yield from self.branches[task].parameters()
+            yield from self.pools[task].parameters()
+        yield from self.heads[task].parameters()
 
 
 def build_model(arch: str, num_classes: dict[str, int], backbone: str, pretrained: bool = False) -> MultiTaskModel:

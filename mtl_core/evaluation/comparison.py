@@ -1,0 +1,56 @@
+"""Multi-task vs single-task: per-task relative difference and the overall gain Δm.
+
+Δm (Maninis, Radosavovic & Kokkinos 2019; Vandenhende et al. 2021) is the mean over tasks of the
+relative difference of the multi-task metric to the single-task baseline, in percent:
+
+    Δm = (1/K) Σ_t (M_mtl,t − M_stl,t) / M_stl,t × 100
+
+with every metric higher-is-better here. A task whose relative difference is below zero suffers
+negative transfer: the shared network does worse on it than a network trained for it alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def relative_difference(mtl: float, stl: float) -> float:
+    """(mtl − stl) / stl × 100; NaN when the baseline is 0 (no relative change is defined)."""
+    return (mtl - stl) / stl * 100.0 if stl != 0 else math.nan
+
+
+def compare_tasks(
+    mtl: dict[str, dict[str, float]], stl: dict[str, dict[str, float]], metrics: Sequence[str]
+) -> dict[str, Any]:
+    """The comparison table: per task and metric, both values and their relative difference; Δm per
+    metric; the tasks with negative transfer on the first (primary) metric."""
+    missing = sorted(set(mtl) ^ set(stl))
+    if missing:
+        raise ValueError(f"multi-task and single-task results cover different tasks: {', '.join(missing)}")
+    tasks: dict[str, dict[str, dict[str, float]]] = {}
+    for t in mtl:
+        tasks[t] = {
+            m: {"mtl": mtl[t][m], "stl": stl[t][m], "relative_pct": relative_difference(mtl[t][m], stl[t][m])}
+            for m in metrics
+        }
+    delta_m = {m: sum(tasks[t][m]["relative_pct"] for t in tasks) / len(tasks) for m in metrics}
+    primary = metrics[0]
+    negative = [t for t in tasks if tasks[t][primary]["relative_pct"] < 0]
+    return {"primary_metric": primary, "tasks": tasks, "delta_m_pct": delta_m, "negative_transfer": negative}
+
+
+def comparison_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flat rows (one per task) for a Markdown / MLflow table."""
+    m = table["primary_metric"]
+    return [
+        {
+            "task": t,
+            f"mtl_{m}": round(v[m]["mtl"], 4),
+            f"stl_{m}": round(v[m]["stl"], 4),
+            "relative_pct": round(v[m]["relative_pct"], 2),
+            "negative_transfer": t in table["negative_transfer"],
+        }
+        for t, v in table["tasks"].items()
+    ]

@@ -1,0 +1,97 @@
+"""Which tasks help or fight each other.
+
+* During training: the pairwise cosine similarity of task gradients on the shared parameters, measured
+  every N steps and averaged per epoch (positive: the tasks pull the backbone the same way; negative:
+  conflicting gradients, the situation PCGrad (Yu et al. 2020) and CAGrad (Liu et al. 2021) address).
+  A measurement costs K extra backward passes through the network, on measured steps only.
+* After training: the correlation between tasks of per-sample errors on the test split (do the same
+  images fool both tasks?).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtl_core.tasks import MISSING_LABEL
+from mtl_core.weighting.gradients import task_gradients, trainable
+
+
+def cosine_matrix(grads: Tensor) -> np.ndarray:
+    """K x K cosine similarities of the rows of G (K, D); a zero gradient gives 0 similarity."""
+    g = grads.detach().double()
+    unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (unit @ unit.T).cpu().numpy()
+
+
+class GradientCosineTracker:
+    """Averages the task-gradient cosine matrix over the measured steps of an epoch."""
+
+    def __init__(self, task_names: Sequence[str], every: int) -> None:
+        if every < 1:
+            raise ValueError(f"measure every N >= 1 steps, got {every}")
+        self.task_names = list(task_names)
+        self.every = every
+        self._sum = np.zeros((len(task_names), len(task_names)))
+        self._count = 0
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def measure(self, losses: dict[str, Tensor], shared_params: Sequence[Tensor]) -> np.ndarray:
+        """Take the K task gradients on the shared parameters (graph kept for the real backward)."""
+        grads = task_gradients([losses[t] for t in self.task_names], trainable(shared_params), retain_graph=True)
+        matrix = cosine_matrix(grads)
+        self._sum += matrix
+        self._count += 1
+        return matrix
+
+    def epoch_average(self) -> np.ndarray | None:
+        """The mean matrix since the last call (None if nothing was measured), then reset."""
+        if self._count == 0:
+            return None
+        mean = self._sum / self._count
+        self._sum[:] = 0
+        self._count = 0
+        return mean
+
+
+def error_correlation(probs: dict[str, np.ndarray], targets: np.ndarray, task_names: Sequence[str]) -> np.ndarray:
+    """Pearson correlation of per-sample error indicators between tasks (samples labelled for both).
+
+    NaN where a pair has fewer than two shared samples or one task's errors do not vary.
+    """
+    k = len(task_names)
+    errors = np.stack([probs[t].argmax(1) != targets[:, i] for i, t in enumerate(task_names)], 1).astype(float)
+    labelled = targets != MISSING_LABEL
+    out = np.full((k, k), np.nan)
+    for i in range(k):
+        for j in range(k):
+            both = labelled[:, i] & labelled[:, j]
+            a, b = errors[both, i], errors[both, j]
+            if both.sum() >= 2 and a.std() > 0 and b.std() > 0:
+                out[i, j] = float(np.corrcoef(a, b)[0, 1])
+    return out
+
+
+def plot_task_matrix(matrix: np.ndarray, task_names: Sequence[str], title: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(task_names)
+    fig, ax = plt.subplots(figsize=(1.1 * k + 2.5, 1.1 * k + 1.5))
+    im = ax.imshow(matrix, cmap="RdBu", vmin=-1, vmax=1)
+    ax.set(xticks=range(k), yticks=range(k), xticklabels=task_names, yticklabels=task_names, title=title)
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+
+from mtl_core.evaluation.task_relations import GradientCosineTracker, cosine_matrix, error_correlation, plot_task_matrix
+
+
+def test_cosine_matrix_of_hand_made_gradients():
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [1.0, 1.0]])
+    m = cosine_matrix(g)
+    r = 1 / np.sqrt(2)
+    expected = np.array([[1, 0, -1, r], [0, 1, 0, r], [-1, 0, 1, -r], [r, r, -r, 1]])
+    np.testing.assert_allclose(m, expected, atol=1e-12)
+
+
+def test_tracker_measures_on_shared_params_and_averages_per_epoch():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    # d/dw of a.w is a: task a pulls along x, task b along y, task c against x
+    losses = {"a": w @ torch.tensor([1.0, 0.0]), "b": w @ torch.tensor([0.0, 5.0]), "c": w @ torch.tensor([-2.0, 0.0])}
+    tracker = GradientCosineTracker(["a", "b", "c"], every=3)
+    assert [tracker.due(s) for s in range(5)] == [True, False, False, True, False]
+    first = tracker.measure(losses, [w])
+    np.testing.assert_allclose(first, [[1, 0, -1], [0, 1, 0], [-1, 0, 1]], atol=1e-12)
+    # second measurement where a and c agree: the epoch average is the mean of both
+    losses2 = {"a": w @ torch.tensor([1.0, 0.0]), "b": w @ torch.tensor([0.0, 1.0]), "c": w @ torch.tensor([2.0, 0.0])}
+    tracker.measure(losses2, [w])
+    avg = tracker.epoch_average()
+    assert avg[0, 2] == pytest.approx(0.0) and avg[0, 1] == pytest.approx(0.0) and avg[1, 1] == pytest.approx(1.0)
+    assert tracker.epoch_average() is None
+    assert w.grad is None  # measuring leaves .grad alone
+
+
+def test_error_correlation_by_hand():
+    targets = np.array([[0, 0], [0, 0], [1, 1], [1, -1], [0, 1]])
+    # task a wrong on samples 0 and 2; task b wrong on 0, 2 and 4; sample 3 has no b label
+    probs = {
+        "a": np.array([[0.2, 0.8], [0.9, 0.1], [0.7, 0.3], [0.1, 0.9], [0.6, 0.4]]),
+        "b": np.array([[0.3, 0.7], [0.8, 0.2], [0.6, 0.4], [0.5, 0.5], [0.9, 0.1]]),
+    }
+    m = error_correlation(probs, targets, ["a", "b"])
+    ea, eb = np.array([1, 0, 1, 0]), np.array([1, 0, 1, 1])  # samples 0, 1, 2, 4
+    assert m[0, 1] == pytest.approx(np.corrcoef(ea, eb)[0, 1]) and m[0, 1] == m[1, 0]
+    assert m[0, 0] == pytest.approx(1.0)
+
+
+def test_error_correlation_is_nan_without_variance(tmp_path):
+    targets = np.array([[0, 0], [1, 1], [0, 1]])
+    perfect = {"a": np.eye(2)[targets[:, 0]], "b": np.eye(2)[1 - targets[:, 1]]}
+    m = error_correlation(perfect, targets, ["a", "b"])
+    assert np.isnan(m[0, 1]) and np.isnan(m[0, 0])
+    plot_task_matrix(m, ["a", "b"], "errors", tmp_path / "m.png")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
