@@ -1,4 +1,5 @@
-"""`mtl`: the command line. Each stage command is a thin shell over `mtl_core.pipeline`."""
+"""`mtl`: the command line. Each stage command is a thin shell over `mtl_core.pipeline`; `mtl predict`
+over `mtl_core.registry.prediction`."""
 
 from __future__ import annotations
 
@@ -32,21 +33,65 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage (what `dvc repro` calls)")
         p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
         p.add_argument("--root", default=".", help="project root (default: current folder)")
+    _add_predict_parser(sub)
     return parser
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict every task's class for image files",
+        description="Predict every task's class, with its probability, for each image (any size, any mode).",
+        epilog=(
+            "MODEL is an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model), "
+            "loaded from the project's tracking store; or a trained models/ folder (model_spec.json + "
+            "model.safetensors, or checkpoint.pt), a .safetensors or checkpoint .pt file next to its "
+            "model_spec.json, or a downloaded MLflow model folder, loaded without the tracking store."
+        ),
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s) to classify")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="MLflow model URI or local model path (default: models:/<mlflow.model_name>@champion)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--params",
+        default="params.yaml",
+        help="parameters file, relative to --root; read for an MLflow model only (default: params.yaml)",
+    )
+    p.add_argument("--root", default=".", help="project root, where the MLflow store is (default: current folder)")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mtl_core.registry import prediction
+
+    images = prediction.check_images(args.images)  # before the (slow) model load
+    model = prediction.load_model_for_prediction(args.model, Path(args.root).resolve(), Path(args.params))
+    records = prediction.predict_files(model, images)
+    if args.json:
+        print(prediction.to_json(records))
+    else:
+        prediction.print_table(records, model.source)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    if args.command in STAGES:
-        try:
+    try:
+        if args.command in STAGES:
             run_stage(args.command, args.params, args.root)
-        except KNOWN_ERRORS as err:
-            if args.verbose:
-                raise
-            print(f"mtl {args.command}: error: {err}", file=sys.stderr)
-            return 2
+        elif args.command == "predict":
+            _predict(args)
+    except KNOWN_ERRORS as err:
+        if args.verbose:
+            raise
+        print(f"mtl {args.command}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

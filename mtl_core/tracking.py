@@ -38,7 +38,14 @@ def tracking_uri(cfg: PipelineConfig, root: Path) -> str:
 def setup_mlflow(cfg: PipelineConfig, root: Path) -> str:
     """Point MLflow at the store and experiment; return the experiment id."""
     uri = tracking_uri(cfg, root)
+    user_setting = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow 3 also exports the URI as $MLFLOW_TRACKING_URI; restore the user's own setting, or the next
+    # project handled in this process (a flow, a test session) would silently log into this store.
+    if user_setting is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_setting
     exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is not None:
         mlflow.set_experiment(experiment_id=exp.experiment_id)
