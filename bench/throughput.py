@@ -52,10 +52,10 @@ def measure(backbone: str, workers: int, weighting: str, steps: int, batch: int,
     warmup = 3
     for step in range(warmup + steps):
         try:
-            x, y = next(it)
+            x, y, _ = next(it)
         except StopIteration:
             it = iter(loader)
-            x, y = next(it)
+            x, y, _ = next(it)
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -7,6 +7,7 @@ than deep inside a stage.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +56,22 @@ class DataConfig(_Strict):
     builtin: BuiltinDataConfig = BuiltinDataConfig()
     split: SplitConfig = SplitConfig()
     max_rejected_fraction: float = Field(0.05, ge=0, le=1)
+    missing_labels: Literal["reject", "allow"] = Field(
+        "reject",
+        description="A row with an empty label cell: 'reject' it, or 'allow' it (the empty task adds no loss "
+        "and no metric for that row). A row with no label for any task is always rejected.",
+    )
+    sample_weight_column: str | None = Field(
+        None,
+        description="Optional numeric, non-negative manifest column (not a task) weighting each sample's loss.",
+    )
+
+    @field_validator("sample_weight_column")
+    @classmethod
+    def _weight_column_name(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be a column name or null")
+        return v.strip() if v is not None else None
 
     @field_validator("source")
     @classmethod
@@ -105,6 +122,9 @@ class ModelConfig(_Strict):
     pretrained: bool = False
 
 
+ClassWeights = dict[str, dict[str, float]]
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -117,6 +137,36 @@ class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=0)
     seed: int = 0
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    class_weights: Literal["none", "inverse_frequency"] | ClassWeights = Field(
+        "none",
+        description="Per-task class weights of the cross-entropy: 'none', 'inverse_frequency' (N / (C * n_c) "
+        "from the training labels) or {task: {class: weight}} (unlisted classes weigh 1.0).",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _check_class_weights(cls, v: Any) -> Any:
+        """One clear message per mistake (not one per member of the union); YAML may read a class name
+        such as 0 as a number, so class names are made strings."""
+        if v is None:
+            return "none"
+        if isinstance(v, str):
+            if v not in ("none", "inverse_frequency"):
+                raise ValueError(f"must be 'none', 'inverse_frequency' or {{task: {{class: weight}}}}, got {v!r}")
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"must be 'none', 'inverse_frequency' or {{task: {{class: weight}}}}, got {v!r}")
+        out: dict[str, dict[str, float]] = {}
+        for task, weights in v.items():
+            if not isinstance(weights, dict):
+                raise ValueError(f"task {task!r}: expected a mapping {{class: weight}}, got {weights!r}")
+            out[str(task)] = {}
+            for c, w in weights.items():
+                if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+                    raise ValueError(f"task {task!r}, class {c!r}: weight must be a number >= 0, got {w!r}")
+                out[str(task)][str(c)] = float(w)
+        return out
 
 
 class MlflowConfig(_Strict):

@@ -21,10 +21,13 @@ def predict_probabilities(model: MultiTaskModel, images: torch.Tensor, device: t
 
 @torch.no_grad()
 def predict_loader(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(probabilities per task (N, C_t), targets (N, K)) over a whole loader."""
+    """(probabilities per task (N, C_t), targets (N, K)) over a whole loader of (images, labels, ...) batches.
+
+    Anything after the labels in a batch (the sample weights of CachedMultiTaskDataset) is ignored.
+    """
     probs: dict[str, list[np.ndarray]] = {t: [] for t in model.task_names}
     targets: list[np.ndarray] = []
-    for images, labels in loader:
+    for images, labels, *_ in loader:
         for t, p in predict_probabilities(model, images, device, amp).items():
             probs[t].append(p)
         targets.append(labels.numpy())

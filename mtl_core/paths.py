@@ -46,6 +46,10 @@ class ProjectPaths:
     def labels_cache(self, split: str) -> Path:
         return self.preprocessed_dir / f"{split}_labels.npy"
 
+    def weights_cache(self, split: str) -> Path:
+        """Per-sample loss weights (float32; all ones without `data.sample_weight_column`)."""
+        return self.preprocessed_dir / f"{split}_weights.npy"
+
     @property
     def tasks_file(self) -> Path:
         """Task names and class names, in label-index order."""

@@ -41,6 +41,15 @@ def write_params(root: Path, overrides: dict | None = None) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leak():
+    """`mlflow.set_tracking_uri` (called by tests to read a store back) also exports the URI to the
+    environment, where our resolver would prefer it for the next test's project: clear it around tests."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
     root = tmp_path / "project"

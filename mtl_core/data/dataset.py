@@ -11,15 +11,23 @@ from torch.utils.data import Dataset
 
 
 class CachedMultiTaskDataset(Dataset):
-    """(image tensor, label vector) pairs from the memory-mapped `.npy` cache of one split.
+    """(image tensor, label vector, sample weight) triples from the memory-mapped `.npy` cache of one split.
 
-    The memory map is opened lazily in each DataLoader worker, so forked workers share the page cache
-    rather than a copied array.
+    `weights` is the split's `{split}_weights.npy`; None gives every sample weight 1. The memory map is
+    opened lazily in each DataLoader worker, so forked workers share the page cache rather than a copied
+    array.
     """
 
-    def __init__(self, images: Path, labels: Path, transform: A.Compose) -> None:
+    def __init__(self, images: Path, labels: Path, transform: A.Compose, weights: Path | None = None) -> None:
         self.images_path = images
         self.labels = torch.from_numpy(np.load(labels))
+        self.weights = (
+            torch.from_numpy(np.load(weights).astype(np.float32, copy=False))
+            if weights is not None
+            else torch.ones(len(self.labels), dtype=torch.float32)
+        )
+        if len(self.weights) != len(self.labels):
+            raise ValueError(f"{weights}: {len(self.weights)} sample weights for {len(self.labels)} labels")
         self.transform = transform
         self._images: np.ndarray | None = None
 
@@ -32,6 +40,6 @@ class CachedMultiTaskDataset(Dataset):
             self._images = np.load(self.images_path, mmap_mode="r")
         return self._images
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = np.ascontiguousarray(self.images[i])
-        return self.transform(image=image)["image"], self.labels[i]
+        return self.transform(image=image)["image"], self.labels[i], self.weights[i]

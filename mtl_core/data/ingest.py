@@ -1,14 +1,19 @@
 """Stage `ingest`: a CSV manifest (a user's, or a generated built-in one) -> checked rows + a split.
 
 Every row is checked (the path stays inside the dataset folder, the file exists and decodes, every task
-has a label). A failing row is written to `rejected.csv` with its reason, never dropped silently; above
+has a label - or, with `data.missing_labels: allow`, at least one task has -, the sample weight is a
+number >= 0). A failing row is written to `rejected.csv` with its reason, never dropped silently; above
 `data.max_rejected_fraction` the stage fails and names the first bad rows.
+
+The normalised manifest has the columns `row, path, <tasks...>, [<sample weight column>], split`; an empty
+label cell (allowed rows only) stays empty and becomes MISSING_LABEL in preprocess.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -51,12 +56,18 @@ def _resolve_source(cfg: PipelineConfig, paths: ProjectPaths) -> Path:
         b = cfg.data.builtin
         log.info("generating built-in dataset %r: %d images, seed %d", cfg.data.builtin_name, b.num_images, b.seed)
         return BUILTIN_DATASETS[cfg.data.builtin_name](out, b.num_images, b.image_size, b.seed)
+    paths.builtin_dir.mkdir(parents=True, exist_ok=True)  # a DVC output of this stage, empty here
     csv = Path(cfg.data.source)
     return csv if csv.is_absolute() else paths.root / csv
 
 
-def read_manifest(csv_path: Path, tasks: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Read the manifest as strings and check its columns; returns the frame and the task list."""
+def read_manifest(
+    csv_path: Path, tasks: list[str], weight_column: str | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """Read the manifest as strings and check its columns; returns the frame and the task list.
+
+    `weight_column` (data.sample_weight_column) must be a column of the manifest and is never a task.
+    """
     if not csv_path.is_file():
         raise IngestError(f"manifest not found: {csv_path}")
     try:
@@ -68,7 +79,22 @@ def read_manifest(csv_path: Path, tasks: list[str]) -> tuple[pd.DataFrame, list[
         raise IngestError(
             f"{csv_path}: no '{PATH_COLUMN}' column; columns found: {', '.join(df.columns) or '(none)'}"
         )
-    label_columns = [c for c in df.columns if c != PATH_COLUMN]
+    if weight_column is not None:
+        if weight_column in (PATH_COLUMN, SPLIT_COLUMN):
+            raise IngestError(
+                f"{csv_path}: '{weight_column}' cannot be the sample weight column (data.sample_weight_column)"
+            )
+        if weight_column not in df.columns:
+            raise IngestError(
+                f"{csv_path}: sample weight column '{weight_column}' (data.sample_weight_column) not in the "
+                f"manifest; columns found: {', '.join(df.columns)}"
+            )
+        if weight_column in tasks:
+            raise IngestError(
+                f"{csv_path}: column '{weight_column}' is the sample weight column (data.sample_weight_column) "
+                "and cannot also be a task"
+            )
+    label_columns = [c for c in df.columns if c not in (PATH_COLUMN, weight_column)]
     if not tasks:
         tasks = label_columns
     unknown = [t for t in tasks if t not in label_columns]
@@ -106,17 +132,53 @@ def _resolve_row_path(raw: str, dataset_dir: Path) -> tuple[Path | None, str | N
     return candidate, None
 
 
-def validate_rows(df: pd.DataFrame, tasks: list[str], dataset_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split the manifest into kept rows (with resolved paths) and rejected rows (with reasons)."""
+def _check_labels(tasks: list[str], labels: list[str], allow_missing: bool) -> str | None:
+    """None if the row's labels are acceptable, else the reason they are not."""
+    missing = [t for t, v in zip(tasks, labels) if not str(v).strip()]
+    if not missing:
+        return None
+    if not allow_missing:
+        return "missing label for task(s) " + ", ".join(map(repr, missing))
+    if len(missing) == len(tasks):
+        return "no label for any task"
+    return None
+
+
+def _check_weight(raw: str, column: str) -> str | None:
+    """None if `raw` is a finite number >= 0, else the reason (naming the column) it is not."""
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        return f"sample weight column '{column}': not a number ({raw!r})"
+    if not math.isfinite(value):
+        return f"sample weight column '{column}': not a finite number ({raw!r})"
+    if value < 0:
+        return f"sample weight column '{column}': negative ({raw!r})"
+    return None
+
+
+def validate_rows(
+    df: pd.DataFrame,
+    tasks: list[str],
+    dataset_dir: Path,
+    allow_missing: bool = False,
+    weight_column: str | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split the manifest into kept rows (with resolved paths) and rejected rows (with reasons).
+
+    allow_missing: keep a row with some (not all) empty label cells. weight_column: checked (a number
+    >= 0) and carried into the kept rows as floats, after the task columns.
+    """
     dataset_dir = dataset_dir.resolve()
+    weights = df[weight_column] if weight_column is not None else pd.Series("1", index=df.index)
     reasons: list[str | None] = []
     resolved: list[Path | None] = []
-    for raw_path, *labels in df[[PATH_COLUMN, *tasks]].itertuples(index=False, name=None):
+    for weight, (raw_path, *labels) in zip(weights, df[[PATH_COLUMN, *tasks]].itertuples(index=False, name=None)):
         path, reason = _resolve_row_path(raw_path, dataset_dir)
         if reason is None:
-            missing = [t for t, v in zip(tasks, labels) if not str(v).strip()]
-            if missing:
-                reason = "missing label for task(s) " + ", ".join(map(repr, missing))
+            reason = _check_labels(tasks, labels, allow_missing)
+        if reason is None and weight_column is not None:
+            reason = _check_weight(weight, weight_column)
         reasons.append(reason)
         resolved.append(path)
 
@@ -134,6 +196,8 @@ def validate_rows(df: pd.DataFrame, tasks: list[str], dataset_dir: Path) -> tupl
     kept[PATH_COLUMN] = [resolved[i] for i in range(len(df)) if not bad.iloc[i]]
     for t in tasks:
         kept[t] = kept[t].str.strip()
+    if weight_column is not None:
+        kept[weight_column] = [float(str(v).strip()) for v in df.loc[~bad, weight_column]]
     kept.insert(0, "row", rows[~bad])
     return kept.reset_index(drop=True), rejected.reset_index(drop=True)
 
@@ -149,10 +213,13 @@ def _portable(path: Path, root: Path) -> str:
 def run_ingest(cfg: PipelineConfig, root: Path) -> IngestResult:
     paths = ProjectPaths(root)
     csv_path = _resolve_source(cfg, paths)
-    df, tasks = read_manifest(csv_path, list(cfg.data.tasks))
+    weight_column = cfg.data.sample_weight_column
+    df, tasks = read_manifest(csv_path, list(cfg.data.tasks), weight_column)
     if df.empty:
         raise IngestError(f"{csv_path}: manifest has no rows")
-    kept, rejected = validate_rows(df, tasks, csv_path.parent)
+    kept, rejected = validate_rows(
+        df, tasks, csv_path.parent, allow_missing=cfg.data.missing_labels == "allow", weight_column=weight_column
+    )
 
     paths.ingested_dir.mkdir(parents=True, exist_ok=True)
     rejected.to_csv(paths.rejected, index=False)
@@ -168,12 +235,13 @@ def run_ingest(cfg: PipelineConfig, root: Path) -> IngestResult:
         )
     if kept.empty:
         raise IngestError(f"{csv_path}: no valid rows")
+    classes = {t: sorted(c for c in kept[t].unique() if c != "") for t in tasks}  # "": a missing label
     for t in tasks:
-        classes = sorted(kept[t].unique())
-        if len(classes) < 2:
+        if len(classes[t]) < 2:
+            found = f"a single class ({classes[t][0]!r})" if classes[t] else "no label"
             raise IngestError(
-                f"{csv_path}: task '{t}' has a single class ({classes[0]!r}) among the valid rows; "
-                "a classification task needs at least two"
+                f"{csv_path}: task '{t}' has {found} among the valid rows; "
+                "a classification task needs at least two classes"
             )
 
     split = cfg.data.split
@@ -183,20 +251,25 @@ def run_ingest(cfg: PipelineConfig, root: Path) -> IngestResult:
     kept[PATH_COLUMN] = [_portable(p, root) for p in kept[PATH_COLUMN]]
     kept.to_csv(paths.manifest, index=False)
 
+    in_split = {s: kept[SPLIT_COLUMN] == s for s in SPLITS}
+    labelled = {t: kept[t] != "" for t in tasks}
     report = {
         "source": cfg.data.source,
         "manifest": _portable(csv_path.resolve(), root),
-        "tasks": {t: sorted(kept[t].unique()) for t in tasks},
+        "tasks": classes,
         "rows_total": len(df),
         "rows_kept": len(kept),
         "rows_rejected": len(rejected),
         "rejected_reasons": dict(Counter(r.split(":")[0] for r in rejected["reason"])),
-        "split_sizes": {s: int((kept[SPLIT_COLUMN] == s).sum()) for s in SPLITS},
+        "split_sizes": {s: int(in_split[s].sum()) for s in SPLITS},
         "class_counts": {
-            t: {s: {c: int(n) for c, n in kept.loc[kept[SPLIT_COLUMN] == s, t].value_counts().sort_index().items()}
+            t: {s: {c: int(n) for c, n in kept.loc[in_split[s] & labelled[t], t].value_counts().sort_index().items()}
                 for s in SPLITS}
             for t in tasks
         },
+        "missing_labels": {t: int((~labelled[t]).sum()) for t in tasks},
+        "labelled_counts": {t: {s: int((in_split[s] & labelled[t]).sum()) for s in SPLITS} for t in tasks},
+        "sample_weight_column": weight_column,
     }
     paths.data_report.write_text(json.dumps(report, indent=2) + "\n")
     log.info("ingest: kept %d rows, rejected %d; split %s", len(kept), len(rejected), report["split_sizes"])

@@ -89,7 +89,10 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
     mean = mean_over_tasks(per_task)
     paths.test_metrics.write_text(json.dumps({"tasks": per_task, "mean": mean}, indent=2) + "\n")
     for task, values in per_task.items():
-        log.info("test %s: %s", task, ", ".join(f"{m} {v:.3f}" for m, v in values.items() if m != "support"))
+        log.info(
+            "test %s (%d labelled samples): %s",
+            task, values["support"], ", ".join(f"{m} {v:.3f}" for m, v in values.items() if m != "support"),
+        )  # fmt: skip
     log.info("test mean over tasks: %s", ", ".join(f"{m} {v:.3f}" for m, v in mean.items()))
 
     with model_run(cfg, root):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from mtl_core.config import PipelineConfig
 from mtl_core.data.dataset import CachedMultiTaskDataset
 from mtl_core.inference import predict_loader
-from mtl_core.losses import task_losses
+from mtl_core.losses import TaskLoss
 from mtl_core.models import MultiTaskModel, build_model
 from mtl_core.models.io import SPEC_FORMAT
 from mtl_core.paths import ProjectPaths
@@ -65,7 +65,9 @@ def make_loaders(cfg: PipelineConfig, paths: ProjectPaths, generator: torch.Gene
     )
     loaders = {
         "train": DataLoader(
-            CachedMultiTaskDataset(paths.images_cache("train"), paths.labels_cache("train"), train_tf),
+            CachedMultiTaskDataset(
+                paths.images_cache("train"), paths.labels_cache("train"), train_tf, paths.weights_cache("train")
+            ),
             shuffle=True,
             drop_last=False,
             generator=generator,
@@ -129,6 +131,7 @@ def train_one_epoch(
     model: MultiTaskModel,
     loader: DataLoader,
     weighting: LossWeighting,
+    loss_fn: TaskLoss,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
@@ -146,14 +149,14 @@ def train_one_epoch(
     max_steps = cfg.train.max_steps_per_epoch or len(loader)
     images = steps = 0
     bar = tqdm(loader, total=min(max_steps, len(loader)), desc=f"epoch {epoch}", unit="batch", disable=None, leave=False)
-    for x, y in bar:
+    for x, y, w in bar:
         if steps >= max_steps:
             break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y, w = x.to(device, non_blocking=True), y.to(device, non_blocking=True), w.to(device, non_blocking=True)
         with autocast(device, cfg.train.amp):
             z = model.encode(x)
             logits = model.decode(z)
-            losses = task_losses(logits, y, tasks)
+            losses = loss_fn(logits, y, w)
         optimizer.zero_grad(set_to_none=True)
         ctx = StepContext(shared_params=shared, task_params=private, shared_repr=z, step=global_step + steps, epoch=epoch)
         weights = weighting.backward(losses, ctx)
@@ -161,7 +164,7 @@ def train_one_epoch(
         scheduler.step()
         if weighting.needs_losses_after_step:  # FAMO: the same batch's losses under the updated weights
             with torch.no_grad(), autocast(device, cfg.train.amp):
-                weighting.after_step(task_losses(model(x), y, tasks))
+                weighting.after_step(loss_fn(model(x), y, w))
         stats.update(losses, logits, y)
         for t in tasks:
             weight_sums[t] += weights[t]
@@ -219,6 +222,14 @@ def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
     loaders = make_loaders(cfg, paths, generator, device)
     model = build_model(cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained).to(device)
     weighting = build_weighting(cfg.train.weighting, tasks.names, dict(cfg.train.weighting_options)).to(device)
+    if getattr(weighting, "on", "params") == "representation" and not model.exact_representation_gradients:
+        raise ValueError(
+            f"train.weighting_options.on: representation gives wrong gradients with model.arch "
+            f"{cfg.model.arch!r} (task-specific parameters inside the encoder); use on: params"
+        )
+    train_labels = loaders["train"].dataset.labels.numpy()
+    loss_fn = TaskLoss.from_config(cfg.train, tasks, train_labels).to(device)
+    labelled_train = {t: int((train_labels[:, k] != MISSING_LABEL).sum()) for k, t in enumerate(tasks.names)}
     optimizer = torch.optim.AdamW(
         [{"params": model.parameters()}, {"params": list(weighting.parameters()), "weight_decay": 0.0}],
         lr=cfg.train.lr,
@@ -234,10 +245,15 @@ def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
     exp_id = setup_mlflow(cfg, root)
     manifest = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)
     log.info("train: %s on %s, %d tasks, %d training images", cfg.model.backbone, device, len(tasks.names), len(loaders["train"].dataset))
+    log.info("labelled training samples per task: %s", ", ".join(f"{t} {n}" for t, n in labelled_train.items()))
 
     with mlflow.start_run(experiment_id=exp_id) as run:
         write_run_info(paths, run.info.run_id, exp_id)
-        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(cfg.model_dump(mode="json")).items()})
+        params = cfg.model_dump(mode="json")
+        if isinstance(params["train"]["class_weights"], dict):  # class names need not be valid MLflow keys
+            params["train"]["class_weights"] = json.dumps(params["train"]["class_weights"])
+        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+        mlflow.log_params({f"data/{t}/labelled_train": n for t, n in labelled_train.items()})
         tags = {"mtl.stage": "train", "mtl.device": str(device), **ingested_data_hash(root)}
         if commit := git_commit(root):
             tags["git_commit"] = commit
@@ -256,7 +272,7 @@ def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
         for epoch in range(1, cfg.train.epochs + 1):
             t0 = time.perf_counter()
             train_stats, mean_weights, images, steps = train_one_epoch(
-                model, loaders["train"], weighting, optimizer, scheduler, device, cfg, epoch, global_step
+                model, loaders["train"], weighting, loss_fn, optimizer, scheduler, device, cfg, epoch, global_step
             )
             seconds = time.perf_counter() - t0
             total_images, total_seconds, global_step = total_images + images, total_seconds + seconds, global_step + steps
