@@ -1,4 +1,4 @@
-"""The pipeline as a Prefect flow: one task per DVC stage.
+"""The pipeline as a Prefect flow: one task per DVC stage (the single-task comparison included).
 
 Each task runs its stage through DVC (`dvc repro --single-item <stage>`), so a flow run and `dvc repro`
 share one record of what has been computed (dvc.lock and the DVC cache): an unchanged stage is skipped
@@ -46,10 +46,10 @@ def run_dvc_stage(stage: str, project_dir: Path) -> str:
 
 # Retries where a failure can be transient: reading the data source (network storage) and talking to the
 # MLflow tracking server. A failed preprocess or train is a bug or bad data, and is not retried.
-_RETRIES = {"ingest": 2, "preprocess": 0, "train": 0, "evaluate": 2, "register": 3}
+_RETRIES = {"ingest": 2, "evaluate": 2, "register": 3, "compare": 2}
 
 stage_tasks = {
-    name: task(name=name, retries=_RETRIES[name], retry_delay_seconds=10, log_prints=True)(run_dvc_stage)
+    name: task(name=name, retries=_RETRIES.get(name, 0), retry_delay_seconds=10, log_prints=True)(run_dvc_stage)
     for name in STAGES
 }
 
@@ -60,6 +60,15 @@ def publish_metrics(project_dir: Path) -> list[dict[str, object]]:
     metrics = json.loads((project_dir / "reports" / "test_metrics.json").read_text())
     rows = [{"task": t, **{m: round(v, 4) for m, v in vs.items()}} for t, vs in metrics["tasks"].items()]
     rows.append({"task": "mean over tasks", **{m: round(v, 4) for m, v in metrics["mean"].items()}})
+    comparison = json.loads((project_dir / "reports" / "comparison.json").read_text())
+    if comparison.get("enabled"):
+        m = comparison["primary_metric"]
+        for row in rows[:-1]:
+            vs = comparison["tasks"][row["task"]][m]
+            row[f"single_task_{m}"] = round(vs["stl"], 4)
+            row["relative_pct"] = round(vs["relative_pct"], 2)
+            row["negative_transfer"] = row["task"] in comparison["negative_transfer"]
+        rows[-1]["relative_pct"] = round(comparison["delta_m_pct"][m], 2)  # Δm
     registry = json.loads((project_dir / "reports" / "registry.json").read_text())
     create_table_artifact(
         key=METRICS_ARTIFACT_KEY,
@@ -74,7 +83,7 @@ def publish_metrics(project_dir: Path) -> list[dict[str, object]]:
 
 @flow(name="mtl-pipeline", log_prints=True)
 def mtl_pipeline(project_dir: str = str(PROJECT_ROOT)) -> list[dict[str, object]]:
-    """ingest -> preprocess -> train -> evaluate -> register, each through DVC, then publish metrics."""
+    """Every stage of dvc.yaml in order, each through DVC, then publish the per-task metrics."""
     root = Path(project_dir).resolve()
     for name in STAGES:
         stage_tasks[name](name, root)

@@ -118,6 +118,7 @@ class PreprocessConfig(_Strict):
 
 class ModelConfig(_Strict):
     arch: str = "hard_sharing"
+    arch_options: dict[str, Any] = Field(default_factory=dict)
     backbone: str = "resnet18"
     pretrained: bool = False
 
@@ -143,6 +144,9 @@ class TrainConfig(_Strict):
         "from the training labels) or {task: {class: weight}} (unlisted classes weigh 1.0).",
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    task_affinity_every: int = Field(
+        25, ge=0, description="Measure task-gradient cosine similarity every N steps (K extra backward passes); 0: off."
+    )
 
     @field_validator("class_weights", mode="before")
     @classmethod
@@ -177,6 +181,16 @@ class MlflowConfig(_Strict):
     )
 
 
+class CompareConfig(_Strict):
+    """Single-task baselines (one model per task, same backbone, budget and data) and the gain Δm."""
+
+    single_task: bool = False
+    metrics: list[Literal["accuracy", "precision_macro", "recall_macro", "f1_macro"]] = Field(
+        default_factory=lambda: ["accuracy", "f1_macro"], min_length=1,
+        description="Metrics compared; the first decides negative transfer.",
+    )
+
+
 class ScheduleConfig(_Strict):
     """The Prefect deployment that retrains on a timetable (flows/deployment.py)."""
 
@@ -198,6 +212,7 @@ class PipelineConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    compare: CompareConfig = CompareConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
 

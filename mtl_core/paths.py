@@ -92,6 +92,25 @@ class ProjectPaths:
     def train_metrics(self) -> Path:
         return self.reports_dir / "train_metrics.json"
 
+    @property
+    def gradient_cosine(self) -> Path:
+        """Per-epoch task-gradient cosine similarity on the shared parameters (+ a .png heatmap)."""
+        return self.reports_dir / "task_gradient_cosine.json"
+
+    @property
+    def single_task_dir(self) -> Path:
+        """One folder per single-task baseline model."""
+        return self.models_dir.parent / "models_single_task"
+
+    @property
+    def single_task_metrics(self) -> Path:
+        return self.reports_dir / "single_task_metrics.json"
+
+    @property
+    def comparison(self) -> Path:
+        """Multi-task vs single-task per task, and Δm (DVC metrics)."""
+        return self.reports_dir / "comparison.json"
+
     # evaluate
     @property
     def test_metrics(self) -> Path:
@@ -104,6 +123,11 @@ class ProjectPaths:
     @property
     def confusion_dir(self) -> Path:
         return self.reports_dir / "confusion"
+
+    @property
+    def error_correlation(self) -> Path:
+        """Correlation between tasks of per-sample test errors (+ a .png heatmap)."""
+        return self.reports_dir / "task_error_correlation.json"
 
     # register
     @property

@@ -1,4 +1,4 @@
-"""The five stages, by name: the one implementation behind dvc.yaml, the CLI and the Prefect flow."""
+"""The stages, by name: the one implementation behind dvc.yaml, the CLI and the Prefect flow."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ STAGES: dict[str, str] = {
     "train": "mtl_core.training.train:run_train",
     "evaluate": "mtl_core.evaluation.evaluate:run_evaluate",
     "register": "mtl_core.registry.register:run_register",
+    "baselines": "mtl_core.training.baselines:run_baselines",
+    "compare": "mtl_core.evaluation.compare:run_compare",
 }
 
 

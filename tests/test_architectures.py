@@ -230,7 +230,7 @@ def test_registry_builds_every_architecture_and_lists_them_on_error():
 
 
 def test_constructors_are_deterministic_given_the_spec_arguments(x):
-    """A model spec stores only arch + backbone (+ tasks): rebuilding from them gives a network with the
+    """A model spec stores arch, its options and backbone (+ tasks): rebuilding from them gives a network with the
     same parameter names and shapes, so a saved state dict loads into it and reproduces the outputs."""
     for arch in ("mmoe", "cross_stitch"):
         a, b = small(arch), small(arch)
@@ -238,3 +238,33 @@ def test_constructors_are_deterministic_given_the_spec_arguments(x):
         b.load_state_dict(a.state_dict())
         with torch.no_grad():
             torch.testing.assert_close(a(x)["c"], b(x)["c"])
+
+
+def test_arch_options_from_params_reach_the_network_and_survive_the_model_spec(tmp_path, x):
+    """`model.arch_options` is written into the spec, so a loaded model has the trained shape."""
+    from safetensors.torch import save_file
+
+    from mtl_core.config import PipelineConfig
+    from mtl_core.models.io import load_model
+    from mtl_core.tasks import TaskSpec
+    from mtl_core.training.train import write_model_spec
+
+    cfg = PipelineConfig.model_validate(
+        {"model": {"arch": "mmoe", "arch_options": {"num_experts": 2, "expert_dim": 8}, "backbone": "small_cnn"}}
+    )
+    torch.manual_seed(0)
+    model = build_model("mmoe", NUM_CLASSES, "small_cnn", options=cfg.model.arch_options).eval()
+    assert model.num_experts == 2 and model.gates["a"].out_features == 2 and model.expert_dim == 8
+    write_model_spec(tmp_path / "model_spec.json", cfg, TaskSpec({t: [str(i) for i in range(n)] for t, n in NUM_CLASSES.items()}))
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    loaded, spec = load_model(tmp_path / "model_spec.json", tmp_path / "model.safetensors")
+    assert spec["arch_options"] == {"num_experts": 2, "expert_dim": 8}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["b"], model(x)["b"])
+
+
+def test_unknown_arch_option_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown model.arch_options \['experts'\] for arch 'mmoe'; allowed: num_experts, expert_dim"):
+        build_model("mmoe", NUM_CLASSES, "small_cnn", options={"experts": 3})
+    with pytest.raises(ValueError, match=r"for arch 'hard_sharing'; allowed: none"):
+        build_model("hard_sharing", NUM_CLASSES, "small_cnn", options={"num_experts": 3})

@@ -30,7 +30,7 @@ def dvc(clone: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
     clone = copy_working_tree(tmp_path_factory.mktemp("e2e") / "repo")
-    write_params(clone)
+    write_params(clone, {"compare": {"single_task": True}})
     proc = dvc(clone, "repro")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return clone
@@ -42,10 +42,12 @@ def test_every_stage_output_exists(repro: Path):
         "data/preprocessed/train_images.npy", "models/model.safetensors", "models/checkpoint.pt",
         "models/model_spec.json", "models/mlflow_run.json", "reports/train_history.csv",
         "reports/test_metrics.json", "reports/registry.json", *[f"reports/confusion/{t}.png" for t in TASKS],
+        "reports/task_gradient_cosine.json", "reports/task_error_correlation.json", "reports/comparison.json",
+        *[f"models_single_task/{t}/model.safetensors" for t in TASKS],
     ]:  # fmt: skip
         assert (repro / rel).is_file(), rel
     lock = yaml.safe_load((repro / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "preprocess", "train", "evaluate", "register"}
+    assert set(lock["stages"]) == {"ingest", "preprocess", "train", "evaluate", "register", "baselines", "compare"}
 
 
 def test_repro_again_is_up_to_date(repro: Path):
@@ -63,6 +65,11 @@ def test_dvc_metrics_and_plots(repro: Path):
     metrics = json.loads(shown.stdout)
     test = next(iter(metrics.values()))["data"]["reports/test_metrics.json"]["data"]
     assert set(test["tasks"]) == set(TASKS) and 0 <= test["mean"]["accuracy"] <= 1
+    # the single-task comparison: Δm per metric, as in the file the compare stage wrote
+    shown_cmp = next(iter(metrics.values()))["data"]["reports/comparison.json"]["data"]
+    written = json.loads((repro / "reports" / "comparison.json").read_text())
+    assert shown_cmp["delta_m_pct"] == pytest.approx(written["delta_m_pct"])
+    assert set(shown_cmp["delta_m_pct"]) == {"accuracy", "f1_macro"}
     plots = dvc(repro, "plots", "show", "--json")
     assert plots.returncode == 0, plots.stderr
     names = json.dumps(json.loads(plots.stdout))
@@ -178,3 +185,26 @@ def test_user_csv_is_one_params_line_away_and_tracked_by_dvc(tmp_path: Path):
     Image.new("RGB", (24, 24), "red").save(csv.parent / "images" / "0.png")
     status = json.loads(dvc(clone, "status", "ingest", "--json").stdout)
     assert "ingest" in status and "data/datasets" in json.dumps(status["ingest"])
+
+
+@pytest.mark.parametrize("weighting", ["pcgrad"])
+def test_other_weighting_retrains_the_multitask_model_and_reuses_the_baselines(repro: Path, weighting: str):
+    """Runs last (it changes params.yaml in the shared clone): a new weighting retrains train and what
+    follows it, while the single-task baselines, which do not depend on the weighting, are reused."""
+    before = json.loads((repro / "reports" / "single_task_metrics.json").read_text())
+    write_params(repro, {"compare": {"single_task": True}, "train": {"weighting": weighting}})
+    proc = dvc(repro, "repro")
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "Running stage 'train'" in proc.stdout and "Running stage 'compare'" in proc.stdout
+    assert "Running stage 'baselines'" not in proc.stdout, proc.stdout
+    assert json.loads((repro / "reports" / "single_task_metrics.json").read_text()) == before
+
+    mlflow.set_tracking_uri(f"sqlite:///{repro / 'mlflow.db'}")
+    run_id = json.loads((repro / "models" / "mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient().get_run(run_id)
+    assert run.data.params["train.weighting"] == weighting
+    comparison = json.loads((repro / "reports" / "comparison.json").read_text())
+    assert run.data.metrics["compare/delta_m_pct/accuracy"] == pytest.approx(comparison["delta_m_pct"]["accuracy"])
+    history = __import__("pandas").read_csv(repro / "reports" / "train_history.csv")
+    assert np.isfinite(history["train/mean/loss"]).all()
+    assert json.loads(dvc(repro, "status", "--json").stdout) == {}

@@ -18,9 +18,18 @@ class CachedMultiTaskDataset(Dataset):
     array.
     """
 
-    def __init__(self, images: Path, labels: Path, transform: A.Compose, weights: Path | None = None) -> None:
+    def __init__(
+        self,
+        images: Path,
+        labels: Path,
+        transform: A.Compose,
+        weights: Path | None = None,
+        label_columns: list[int] | None = None,
+    ) -> None:
         self.images_path = images
-        self.labels = torch.from_numpy(np.load(labels))
+        all_labels = np.load(labels)
+        # a subset of the tasks (a single-task baseline trains on one column)
+        self.labels = torch.from_numpy(np.ascontiguousarray(all_labels[:, label_columns] if label_columns is not None else all_labels))
         self.weights = (
             torch.from_numpy(np.load(weights).astype(np.float32, copy=False))
             if weights is not None

@@ -19,12 +19,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from mtl_core.config import PipelineConfig  # noqa: E402
 from mtl_core.data.dataset import CachedMultiTaskDataset  # noqa: E402
 from mtl_core.evaluation.metrics import mean_over_tasks, task_metrics  # noqa: E402
+from mtl_core.evaluation.task_relations import error_correlation, plot_task_matrix  # noqa: E402
 from mtl_core.inference import predict_loader  # noqa: E402
+from mtl_core.models import MultiTaskModel  # noqa: E402
 from mtl_core.models.io import load_model  # noqa: E402
 from mtl_core.paths import ProjectPaths  # noqa: E402
 from mtl_core.tasks import MISSING_LABEL  # noqa: E402
@@ -58,33 +61,47 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], task: str, out: Path)
     plt.close(fig)
 
 
+def make_test_loader(cfg: PipelineConfig, paths: ProjectPaths, label_columns: list[int] | None = None) -> DataLoader:
+    dataset = CachedMultiTaskDataset(
+        paths.images_cache("test"), paths.labels_cache("test"), eval_transform(cfg.preprocess), None, label_columns
+    )
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=0)
+
+
+def score(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: bool):
+    """Per-task metrics (with `support`, the labelled count), confusion matrices, probabilities, targets."""
+    probs, targets = predict_loader(model, loader, device, amp)
+    per_task: dict[str, dict[str, float]] = {}
+    confusions: dict[str, np.ndarray] = {}
+    for k, task in enumerate(model.task_names):
+        values, confusions[task] = task_metrics(probs[task], targets[:, k])
+        values["support"] = int((targets[:, k] != MISSING_LABEL).sum())
+        per_task[task] = values
+    return per_task, confusions, probs, targets
+
+
 def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
     paths = ProjectPaths(root)
     device = select_device(cfg.train.device)
     model, spec = load_model(paths.model_spec, paths.weights, device)
-    loader = DataLoader(
-        CachedMultiTaskDataset(paths.images_cache("test"), paths.labels_cache("test"), eval_transform(cfg.preprocess)),
-        batch_size=cfg.train.batch_size,
-        num_workers=0,
-    )
-    probs, targets = predict_loader(model, loader, device, cfg.train.amp)
+    per_task, confusions, probs, targets = score(model, make_test_loader(cfg, paths), device, cfg.train.amp)
 
     paths.predictions_dir.mkdir(parents=True, exist_ok=True)
     paths.confusion_dir.mkdir(parents=True, exist_ok=True)
-    per_task: dict[str, dict[str, float]] = {}
     for k, task in enumerate(model.task_names):
-        classes = spec["tasks"][task]
-        values, confusion = task_metrics(probs[task], targets[:, k])
-        values["support"] = int((targets[:, k] != MISSING_LABEL).sum())
-        per_task[task] = values
+        classes = np.asarray(spec["tasks"][task])
         labelled = targets[:, k] != MISSING_LABEL
         pd.DataFrame(
-            {
-                "actual": np.asarray(classes)[targets[labelled, k]],
-                "predicted": np.asarray(classes)[probs[task][labelled].argmax(1)],
-            }
+            {"actual": classes[targets[labelled, k]], "predicted": classes[probs[task][labelled].argmax(1)]}
         ).to_csv(paths.predictions_dir / f"{task}.csv", index=False)
-        plot_confusion(confusion, classes, task, paths.confusion_dir / f"{task}.png")
+        plot_confusion(confusions[task], list(classes), task, paths.confusion_dir / f"{task}.png")
+
+    errors = error_correlation(probs, targets, model.task_names)
+    correlation = [[None if np.isnan(v) else v for v in row] for row in errors.tolist()]  # JSON has no NaN
+    paths.error_correlation.write_text(json.dumps({"tasks": model.task_names, "correlation": correlation}, indent=2) + "\n")
+    plot_task_matrix(
+        errors, model.task_names, "correlation of per-sample test errors", paths.error_correlation.with_suffix(".png")
+    )
 
     mean = mean_over_tasks(per_task)
     paths.test_metrics.write_text(json.dumps({"tasks": per_task, "mean": mean}, indent=2) + "\n")
@@ -101,5 +118,7 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
         mlflow.log_metrics(flat)
         mlflow.log_artifact(str(paths.test_metrics), artifact_path="metrics")
         mlflow.log_artifacts(str(paths.confusion_dir), artifact_path="plots/confusion")
+        mlflow.log_artifact(str(paths.error_correlation), artifact_path="task_relations")
+        mlflow.log_artifact(str(paths.error_correlation.with_suffix(".png")), artifact_path="task_relations")
         mlflow.set_tag("mtl.evaluated", "true")
     return EvaluateResult(per_task, mean)

@@ -8,6 +8,8 @@ style) can differentiate with respect to the representation.
 
 from __future__ import annotations
 
+import inspect
+
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 
@@ -247,10 +249,22 @@ class CrossStitch(MultiTaskModel):
         yield from self.heads[task].parameters()
 
 
-def build_model(arch: str, num_classes: dict[str, int], backbone: str, pretrained: bool = False) -> MultiTaskModel:
+def build_model(
+    arch: str, num_classes: dict[str, int], backbone: str, pretrained: bool = False, options: dict | None = None
+) -> MultiTaskModel:
+    """The architecture `arch` on `backbone`; `options` (params' `model.arch_options`) are its keyword
+    arguments, e.g. `num_experts` for mmoe; an unknown one fails naming the ones `arch` takes."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model.arch {arch!r}; available: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[arch](num_classes, backbone=backbone, pretrained=pretrained)
+    cls = ARCHITECTURES[arch]
+    options = dict(options or {})
+    allowed = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "num_classes", "backbone", "pretrained")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown model.arch_options {unknown} for arch {arch!r}; allowed: {', '.join(allowed) or 'none'}"
+        )
+    return cls(num_classes, backbone=backbone, pretrained=pretrained, **options)
 
 
 @torch.no_grad()

@@ -27,6 +27,6 @@ def read_spec(path: Path) -> dict[str, Any]:
 def load_model(spec_path: Path, weights_path: Path, device: torch.device | str = "cpu") -> tuple[MultiTaskModel, dict[str, Any]]:
     spec = read_spec(spec_path)
     num_classes = {t: len(c) for t, c in spec["tasks"].items()}
-    model = build_model(spec["arch"], num_classes, spec["backbone"], pretrained=False)
+    model = build_model(spec["arch"], num_classes, spec["backbone"], pretrained=False, options=spec.get("arch_options"))
     model.load_state_dict(load_file(str(weights_path), device="cpu"))
     return model.to(device).eval(), spec

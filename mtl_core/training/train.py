@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mtl_core.config import PipelineConfig
+from mtl_core.evaluation.task_relations import GradientCosineTracker, plot_task_matrix
 from mtl_core.data.dataset import CachedMultiTaskDataset
 from mtl_core.inference import predict_loader
 from mtl_core.losses import TaskLoss
@@ -54,7 +55,14 @@ def _reseed_worker_transform(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
-def make_loaders(cfg: PipelineConfig, paths: ProjectPaths, generator: torch.Generator, device: torch.device) -> dict[str, DataLoader]:
+def make_loaders(
+    cfg: PipelineConfig,
+    paths: ProjectPaths,
+    generator: torch.Generator,
+    device: torch.device,
+    label_columns: list[int] | None = None,
+) -> dict[str, DataLoader]:
+    """Train and val loaders over the cache; `label_columns` selects a subset of the tasks."""
     train_tf = train_transform(cfg.preprocess)
     train_tf.set_random_seed(cfg.train.seed)
     common = dict(
@@ -66,7 +74,7 @@ def make_loaders(cfg: PipelineConfig, paths: ProjectPaths, generator: torch.Gene
     loaders = {
         "train": DataLoader(
             CachedMultiTaskDataset(
-                paths.images_cache("train"), paths.labels_cache("train"), train_tf, paths.weights_cache("train")
+                paths.images_cache("train"), paths.labels_cache("train"), train_tf, paths.weights_cache("train"), label_columns
             ),
             shuffle=True,
             drop_last=False,
@@ -75,7 +83,9 @@ def make_loaders(cfg: PipelineConfig, paths: ProjectPaths, generator: torch.Gene
             **common,
         ),
         "val": DataLoader(
-            CachedMultiTaskDataset(paths.images_cache("val"), paths.labels_cache("val"), eval_transform(cfg.preprocess)),
+            CachedMultiTaskDataset(
+                paths.images_cache("val"), paths.labels_cache("val"), eval_transform(cfg.preprocess), None, label_columns
+            ),
             shuffle=False,
             **common,
         ),
@@ -138,6 +148,7 @@ def train_one_epoch(
     cfg: PipelineConfig,
     epoch: int,
     global_step: int,
+    tracker: GradientCosineTracker | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float], int, int]:
     """One pass over the training data; returns (per-task stats, mean task weights, images seen, steps)."""
     model.train()
@@ -158,6 +169,8 @@ def train_one_epoch(
             logits = model.decode(z)
             losses = loss_fn(logits, y, w)
         optimizer.zero_grad(set_to_none=True)
+        if tracker is not None and tracker.due(global_step + steps):
+            tracker.measure(losses, shared)
         ctx = StepContext(shared_params=shared, task_params=private, shared_repr=z, step=global_step + steps, epoch=epoch)
         weights = weighting.backward(losses, ctx)
         optimizer.step()
@@ -182,17 +195,18 @@ def _metrics(prefix: str, per_task: dict[str, dict[str, float]]) -> dict[str, fl
     return out
 
 
-def write_model_spec(paths: ProjectPaths, cfg: PipelineConfig, tasks: TaskSpec) -> None:
+def write_model_spec(path: Path, cfg: PipelineConfig, tasks: TaskSpec) -> None:
     spec = {
         "format": SPEC_FORMAT,
         "arch": cfg.model.arch,
+        "arch_options": dict(cfg.model.arch_options),
         "backbone": cfg.model.backbone,
         "tasks": tasks.classes,
         "image_size": cfg.preprocess.image_size,
         "mean": list(cfg.preprocess.mean),
         "std": list(cfg.preprocess.std),
     }
-    paths.model_spec.write_text(json.dumps(spec, indent=2) + "\n")
+    path.write_text(json.dumps(spec, indent=2) + "\n")
 
 
 def plot_history(history: pd.DataFrame, tasks: list[str], out: Path) -> None:
@@ -214,14 +228,60 @@ def plot_history(history: pd.DataFrame, tasks: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
-    paths = ProjectPaths(root)
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where one trained model's files go: the multi-task model in models/ (with its reports in
+    reports/), each single-task baseline in a folder of its own."""
+
+    weights: Path
+    checkpoint: Path
+    spec: Path
+    history: Path
+    curves: Path
+    summary: Path
+    gradient_cosine: Path | None = None
+
+    @classmethod
+    def multitask(cls, paths: ProjectPaths) -> ModelFiles:
+        return cls(
+            paths.weights, paths.checkpoint, paths.model_spec, paths.train_history,
+            paths.reports_dir / "training_curves.png", paths.train_metrics, paths.gradient_cosine,
+        )  # fmt: skip
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> ModelFiles:
+        return cls(
+            folder / "model.safetensors", folder / "checkpoint.pt", folder / "model_spec.json",
+            folder / "train_history.csv", folder / "training_curves.png", folder / "train_metrics.json",
+        )  # fmt: skip
+
+
+def log_config_params(cfg: PipelineConfig) -> None:
+    params = cfg.model_dump(mode="json")
+    if isinstance(params["train"]["class_weights"], dict):  # class names need not be valid MLflow keys
+        params["train"]["class_weights"] = json.dumps(params["train"]["class_weights"])
+    mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+
+
+def fit(
+    cfg: PipelineConfig,
+    paths: ProjectPaths,
+    tasks: TaskSpec,
+    files: ModelFiles,
+    label_columns: list[int] | None = None,
+    weighting_name: str | None = None,
+) -> TrainResult:
+    """Train one model on `tasks` (label columns `label_columns` of the cache) inside the active MLflow
+    run: per-epoch metrics, a checkpoint every epoch, the best-on-validation weights, the spec."""
     generator = seed_everything(cfg.train.seed)
     device = select_device(cfg.train.device)
-    tasks = TaskSpec.load(paths.tasks_file)
-    loaders = make_loaders(cfg, paths, generator, device)
-    model = build_model(cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained).to(device)
-    weighting = build_weighting(cfg.train.weighting, tasks.names, dict(cfg.train.weighting_options)).to(device)
+    loaders = make_loaders(cfg, paths, generator, device, label_columns)
+    model = build_model(
+        cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained, cfg.model.arch_options
+    ).to(device)
+    weighting_name = weighting_name or cfg.train.weighting
+    options = dict(cfg.train.weighting_options) if weighting_name == cfg.train.weighting else {}
+    weighting = build_weighting(weighting_name, tasks.names, options).to(device)
     if getattr(weighting, "on", "params") == "representation" and not model.exact_representation_gradients:
         raise ValueError(
             f"train.weighting_options.on: representation gives wrong gradients with model.arch "
@@ -239,22 +299,99 @@ def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[cfg.train.lr, cfg.train.lr], total_steps=max(1, cfg.train.epochs * steps_per_epoch), pct_start=0.15
     )
+    measure = files.gradient_cosine is not None and cfg.train.task_affinity_every > 0 and len(tasks.names) > 1
+    tracker = GradientCosineTracker(tasks.names, cfg.train.task_affinity_every) if measure else None
+    for f in (files.weights, files.history, files.summary):
+        f.parent.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "train: %s (%s) on %s, tasks %s, %d training images", cfg.model.backbone, cfg.model.arch, device,
+        ", ".join(tasks.names), len(loaders["train"].dataset),
+    )  # fmt: skip
+    log.info("labelled training samples per task: %s", ", ".join(f"{t} {n}" for t, n in labelled_train.items()))
+    mlflow.log_params({f"data/{t}/labelled_train": n for t, n in labelled_train.items()})
 
+    history: list[dict[str, float]] = []
+    cosines: dict[int, list[list[float]]] = {}
+    best = (-math.inf, 0)
+    total_images, total_seconds, global_step = 0, 0.0, 0
+    for epoch in range(1, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        train_stats, mean_weights, images, steps = train_one_epoch(
+            model, loaders["train"], weighting, loss_fn, optimizer, scheduler, device, cfg, epoch, global_step, tracker
+        )
+        seconds = time.perf_counter() - t0
+        total_images, total_seconds, global_step = total_images + images, total_seconds + seconds, global_step + steps
+        weighting.on_epoch_end(epoch, {t: s["loss"] for t, s in train_stats.items()})
+        val_stats = validate(model, loaders["val"], device, cfg.train.amp)
+        row = {"epoch": epoch, **_metrics("train", train_stats), **_metrics("val", val_stats)}
+        row.update({f"weight/{t}": w for t, w in mean_weights.items()})
+        row["train/images_per_second"] = images / seconds
+        row["lr"] = scheduler.get_last_lr()[0]
+        history.append(row)
+        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+        if tracker is not None and (matrix := tracker.epoch_average()) is not None:
+            cosines[epoch] = matrix.tolist()
+            mlflow.log_dict({"tasks": tasks.names, "epoch": epoch, "cosine": cosines[epoch]},
+                            f"task_relations/gradient_cosine_epoch_{epoch:03d}.json")  # fmt: skip
+        torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, files.checkpoint)
+        if row["val/mean/accuracy"] > best[0]:
+            best = (row["val/mean/accuracy"], epoch)
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, files.weights)
+        log.info(
+            "epoch %d/%d: train loss %.3f, val mean accuracy %.3f (%s), %.1f images/s",
+            epoch, cfg.train.epochs, row["train/mean/loss"], row["val/mean/accuracy"],
+            ", ".join(f"{t} {s['accuracy']:.3f}" for t, s in val_stats.items()), images / seconds,
+        )  # fmt: skip
+
+    throughput = total_images / total_seconds if total_seconds else 0.0
+    print(f"train: {throughput:.1f} images/s on {device} ({total_images} images in {total_seconds:.1f} s)")
+    frame = pd.DataFrame(history)
+    frame.to_csv(files.history, index=False, quoting=csv.QUOTE_MINIMAL)
+    plot_history(frame, tasks.names, files.curves)
+    mlflow.log_artifact(str(files.curves), artifact_path="plots")
+    if files.gradient_cosine is not None:
+        _write_gradient_cosine(files.gradient_cosine, tasks.names, cosines, cfg.train.task_affinity_every)
+    summary = {
+        "best_epoch": best[1],
+        "best_val_mean_accuracy": best[0],
+        "images_per_second": throughput,
+        "train_seconds": total_seconds,
+        "device": str(device),
+        "val": {t: history[best[1] - 1][f"val/{t}/accuracy"] for t in tasks.names},
+    }
+    files.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    mlflow.log_metrics({"train/throughput_images_per_second": throughput, "val/best/mean_accuracy": best[0]})
+    write_model_spec(files.spec, cfg, tasks)
+    mlflow.log_artifact(str(files.spec), artifact_path="model_spec")
+    return TrainResult(mlflow.active_run().info.run_id, best[1], best[0], throughput)
+
+
+def _write_gradient_cosine(out: Path, tasks: list[str], per_epoch: dict[int, list[list[float]]], every: int) -> None:
+    """The per-epoch task-gradient cosine matrices, plus a heatmap of their mean (logged to MLflow)."""
+    report = {"tasks": tasks, "measured_every_steps": every, "epochs": {str(e): m for e, m in per_epoch.items()}}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    mlflow.log_artifact(str(out), artifact_path="task_relations")
+    heatmap = out.with_suffix(".png")
+    if per_epoch:
+        mean = np.mean([np.asarray(m) for m in per_epoch.values()], axis=0)
+        plot_task_matrix(mean, tasks, "task-gradient cosine similarity (mean over epochs)", heatmap)
+    else:  # still a file: it is a declared DVC plot
+        plot_task_matrix(np.full((len(tasks), len(tasks)), np.nan), tasks, "not measured (train.task_affinity_every: 0)", heatmap)
+    mlflow.log_artifact(str(heatmap), artifact_path="task_relations")
+
+
+def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
+    """Stage `train`: the multi-task model, in a new MLflow run that later stages reopen."""
+    paths = ProjectPaths(root)
+    tasks = TaskSpec.load(paths.tasks_file)
     paths.models_dir.mkdir(parents=True, exist_ok=True)
-    paths.reports_dir.mkdir(parents=True, exist_ok=True)
     exp_id = setup_mlflow(cfg, root)
     manifest = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)
-    log.info("train: %s on %s, %d tasks, %d training images", cfg.model.backbone, device, len(tasks.names), len(loaders["train"].dataset))
-    log.info("labelled training samples per task: %s", ", ".join(f"{t} {n}" for t, n in labelled_train.items()))
-
     with mlflow.start_run(experiment_id=exp_id) as run:
         write_run_info(paths, run.info.run_id, exp_id)
-        params = cfg.model_dump(mode="json")
-        if isinstance(params["train"]["class_weights"], dict):  # class names need not be valid MLflow keys
-            params["train"]["class_weights"] = json.dumps(params["train"]["class_weights"])
-        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
-        mlflow.log_params({f"data/{t}/labelled_train": n for t, n in labelled_train.items()})
-        tags = {"mtl.stage": "train", "mtl.device": str(device), **ingested_data_hash(root)}
+        log_config_params(cfg)
+        tags = {"mtl.stage": "train", "mtl.kind": "multi_task", "mtl.device": str(select_device(cfg.train.device))}
+        tags.update(ingested_data_hash(root))
         if commit := git_commit(root):
             tags["git_commit"] = commit
         mlflow.set_tags(tags)
@@ -265,51 +402,4 @@ def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
         mlflow.log_artifact(str(paths.data_report), artifact_path="data")
         if (root / "params.yaml").is_file():
             mlflow.log_artifact(str(root / "params.yaml"))
-
-        history: list[dict[str, float]] = []
-        best = (-math.inf, 0)
-        total_images, total_seconds, global_step = 0, 0.0, 0
-        for epoch in range(1, cfg.train.epochs + 1):
-            t0 = time.perf_counter()
-            train_stats, mean_weights, images, steps = train_one_epoch(
-                model, loaders["train"], weighting, loss_fn, optimizer, scheduler, device, cfg, epoch, global_step
-            )
-            seconds = time.perf_counter() - t0
-            total_images, total_seconds, global_step = total_images + images, total_seconds + seconds, global_step + steps
-            weighting.on_epoch_end(epoch, {t: s["loss"] for t, s in train_stats.items()})
-            val_stats = validate(model, loaders["val"], device, cfg.train.amp)
-            row = {"epoch": epoch, **_metrics("train", train_stats), **_metrics("val", val_stats)}
-            row.update({f"weight/{t}": w for t, w in mean_weights.items()})
-            row["train/images_per_second"] = images / seconds
-            row["lr"] = scheduler.get_last_lr()[0]
-            history.append(row)
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
-            torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, paths.checkpoint)
-            if row["val/mean/accuracy"] > best[0]:
-                best = (row["val/mean/accuracy"], epoch)
-                save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, paths.weights)
-            log.info(
-                "epoch %d/%d: train loss %.3f, val mean accuracy %.3f (%s), %.1f images/s",
-                epoch, cfg.train.epochs, row["train/mean/loss"], row["val/mean/accuracy"],
-                ", ".join(f"{t} {s['accuracy']:.3f}" for t, s in val_stats.items()), images / seconds,
-            )  # fmt: skip
-
-        throughput = total_images / total_seconds if total_seconds else 0.0
-        print(f"train: {throughput:.1f} images/s on {device} ({total_images} images in {total_seconds:.1f} s)")
-        frame = pd.DataFrame(history)
-        frame.to_csv(paths.train_history, index=False, quoting=csv.QUOTE_MINIMAL)
-        plot_history(frame, tasks.names, paths.reports_dir / "training_curves.png")
-        mlflow.log_artifact(str(paths.reports_dir / "training_curves.png"), artifact_path="plots")
-        summary = {
-            "best_epoch": best[1],
-            "best_val_mean_accuracy": best[0],
-            "images_per_second": throughput,
-            "train_seconds": total_seconds,
-            "device": str(device),
-            "val": {t: history[best[1] - 1][f"val/{t}/accuracy"] for t in tasks.names},
-        }
-        paths.train_metrics.write_text(json.dumps(summary, indent=2) + "\n")
-        mlflow.log_metrics({"train/throughput_images_per_second": throughput, "val/best/mean_accuracy": best[0]})
-        write_model_spec(paths, cfg, tasks)
-        mlflow.log_artifact(str(paths.model_spec), artifact_path="model_spec")
-        return TrainResult(run.info.run_id, best[1], best[0], throughput)
+        return fit(cfg, paths, tasks, ModelFiles.multitask(paths))

@@ -1,0 +1,171 @@
+"""Stages `baselines` and `compare`, and the task-relation reports of `train` and `evaluate`, on a tiny
+built-in project: files and MLflow records read back and checked against their formulas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mtl_core.config import load_config
+from mtl_core.evaluation.evaluate import make_test_loader, score
+from mtl_core.models.io import load_model
+from mtl_core.paths import ProjectPaths
+from mtl_core.pipeline import run_stage
+from mtl_core.tracking import read_run_info, tracking_uri
+from tests.conftest import write_params
+
+TASKS = ["shape", "color", "size", "position"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("compare") / "project"
+    (root / "data" / "datasets").mkdir(parents=True)
+    write_params(root, {
+        "compare": {"single_task": True},
+        "model": {"arch": "mmoe", "arch_options": {"num_experts": 2}},
+        "train": {"epochs": 1, "task_affinity_every": 2},
+    })  # fmt: skip
+    for stage in ("ingest", "preprocess", "train", "evaluate", "baselines", "compare"):
+        run_stage(stage, root=root)
+    return root
+
+
+@pytest.fixture
+def client(compared: Path) -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri(load_config(compared / "params.yaml"), compared))
+    return MlflowClient()
+
+
+def test_one_single_task_model_per_task_scored_on_the_test_split(compared: Path):
+    paths = ProjectPaths(compared)
+    report = json.loads(paths.single_task_metrics.read_text())
+    assert report["enabled"] is True and list(report["tasks"]) == TASKS
+    cfg = load_config(compared / "params.yaml")
+    for k, task in enumerate(TASKS):
+        folder = paths.single_task_dir / task
+        spec = json.loads((folder / "model_spec.json").read_text())
+        assert list(spec["tasks"]) == [task]  # one head: a single-task network
+        assert spec["arch"] == "hard_sharing" and spec["arch_options"] == {}  # plain, whatever the MTL arch
+        model, _ = load_model(folder / "model_spec.json", folder / "model.safetensors")
+        assert list(model.heads) == [task]
+        per_task, *_ = score(model, make_test_loader(cfg, paths, [k]), torch.device("cpu"), amp=False)
+        assert per_task[task]["accuracy"] == pytest.approx(report["tasks"][task]["accuracy"], abs=1e-9)
+        # same budget as the multi-task model
+        history = pd.read_csv(folder / "train_history.csv")
+        assert list(history["epoch"]) == [1]
+
+
+def test_comparison_is_delta_m_of_the_two_metric_files(compared: Path):
+    paths = ProjectPaths(compared)
+    mtl = json.loads(paths.test_metrics.read_text())["tasks"]
+    stl = json.loads(paths.single_task_metrics.read_text())["tasks"]
+    comparison = json.loads(paths.comparison.read_text())
+    assert comparison["enabled"] is True and comparison["primary_metric"] == "accuracy"
+    for m in ("accuracy", "f1_macro"):
+        rel = {t: (mtl[t][m] - stl[t][m]) / stl[t][m] * 100 for t in TASKS}
+        assert comparison["delta_m_pct"][m] == pytest.approx(sum(rel.values()) / len(TASKS))
+        for t in TASKS:
+            assert comparison["tasks"][t][m]["relative_pct"] == pytest.approx(rel[t])
+    worse = [t for t in TASKS if mtl[t]["accuracy"] < stl[t]["accuracy"]]
+    assert comparison["negative_transfer"] == worse
+
+
+def test_comparison_and_baselines_are_in_mlflow(compared: Path, client: MlflowClient):
+    paths = ProjectPaths(compared)
+    comparison = json.loads(paths.comparison.read_text())
+    run = client.get_run(read_run_info(paths)["run_id"])
+    assert run.data.metrics["compare/delta_m_pct/accuracy"] == pytest.approx(comparison["delta_m_pct"]["accuracy"])
+    assert run.data.metrics["compare/color/accuracy/relative_pct"] == pytest.approx(
+        comparison["tasks"]["color"]["accuracy"]["relative_pct"]
+    )
+    assert run.data.tags["mtl.negative_transfer"] == (",".join(comparison["negative_transfer"]) or "none")
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare/comparison_table.json")).read_text())
+    assert [row[0] for row in table["data"]] == TASKS
+
+    stl = json.loads(paths.single_task_metrics.read_text())
+    for task, run_id in stl["runs"].items():
+        baseline = client.get_run(run_id)
+        assert baseline.data.tags["mtl.kind"] == "single_task_baseline" and baseline.data.tags["mtl.task"] == task
+        assert baseline.data.metrics[f"test/{task}/accuracy"] == pytest.approx(stl["tasks"][task]["accuracy"])
+        assert baseline.info.run_id != run.info.run_id
+
+
+def test_gradient_cosine_matrices_per_epoch_written_and_logged(compared: Path, client: MlflowClient):
+    paths = ProjectPaths(compared)
+    report = json.loads(paths.gradient_cosine.read_text())
+    assert report["tasks"] == TASKS and report["measured_every_steps"] == 2
+    assert list(report["epochs"]) == ["1"]
+    m = np.asarray(report["epochs"]["1"])
+    assert m.shape == (4, 4)
+    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-5)
+    np.testing.assert_allclose(m, m.T, atol=1e-6)
+    assert np.all(np.abs(m) <= 1 + 1e-6)
+    assert paths.gradient_cosine.with_suffix(".png").stat().st_size > 0
+    run_id = read_run_info(paths)["run_id"]
+    logged = {a.path for a in client.list_artifacts(run_id, "task_relations")}
+    assert {
+        "task_relations/task_gradient_cosine.json", "task_relations/task_gradient_cosine.png",
+        "task_relations/gradient_cosine_epoch_001.json", "task_relations/task_error_correlation.json",
+        "task_relations/task_error_correlation.png",
+    } <= logged  # fmt: skip
+
+
+def test_error_correlation_recomputed_from_the_written_predictions(compared: Path):
+    paths = ProjectPaths(compared)
+    report = json.loads(paths.error_correlation.read_text())
+    errors = pd.DataFrame(
+        {t: (p["actual"] != p["predicted"]).astype(float) for t in TASKS for p in [pd.read_csv(paths.predictions_dir / f"{t}.csv")]}
+    )
+    expected = errors.corr().to_numpy()  # Pearson; NaN where a task's errors do not vary
+    got = np.array([[np.nan if v is None else v for v in row] for row in report["correlation"]])
+    np.testing.assert_allclose(got, expected, atol=1e-9, equal_nan=True)
+
+
+def test_disabled_comparison_trains_nothing(tmp_path: Path, compared: Path):
+    """compare.single_task: false (the default): both stages record that they are off."""
+    import shutil
+
+    root = tmp_path / "project"
+    shutil.copytree(compared / "reports", root / "reports")
+    write_params(root, {"compare": {"single_task": False}})
+    baselines = run_stage("baselines", root=root)
+    assert baselines["enabled"] is False
+    paths = ProjectPaths(root)
+    assert paths.single_task_dir.is_dir() and not any(paths.single_task_dir.iterdir())
+    assert json.loads(paths.single_task_metrics.read_text())["enabled"] is False
+    assert run_stage("compare", root=root)["enabled"] is False
+    assert json.loads(paths.comparison.read_text()) == {"enabled": False, "reason": "compare.single_task is false"}
+
+
+def test_another_weighting_is_compared_with_the_same_baselines(compared: Path, client: MlflowClient):
+    """Runs last (it retrains the module's multi-task model): FAMO through train, evaluate and compare;
+    the baselines' file is what compare reads, unchanged."""
+    paths = ProjectPaths(compared)
+    baselines_before = paths.single_task_metrics.read_text()
+    write_params(compared, {
+        "compare": {"single_task": True},
+        "model": {"arch": "mmoe", "arch_options": {"num_experts": 2}},
+        "train": {"epochs": 2, "task_affinity_every": 2, "weighting": "famo"},
+    })  # fmt: skip
+    for stage in ("train", "evaluate", "compare"):
+        run_stage(stage, root=compared)
+    run = client.get_run(read_run_info(paths)["run_id"])
+    assert run.data.params["train.weighting"] == "famo"
+    history = pd.read_csv(paths.train_history)
+    weights = history[[f"weight/{t}" for t in TASKS]].to_numpy()
+    assert np.isfinite(weights).all() and not np.allclose(weights, weights[0, 0])  # FAMO moved the weights
+    assert paths.single_task_metrics.read_text() == baselines_before
+    mtl = json.loads(paths.test_metrics.read_text())["tasks"]
+    stl = json.loads(baselines_before)["tasks"]
+    comparison = json.loads(paths.comparison.read_text())
+    expected = sum((mtl[t]["accuracy"] - stl[t]["accuracy"]) / stl[t]["accuracy"] * 100 for t in TASKS) / len(TASKS)
+    assert comparison["delta_m_pct"]["accuracy"] == pytest.approx(expected)
+    assert run.data.metrics["compare/delta_m_pct/accuracy"] == pytest.approx(expected)
