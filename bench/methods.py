@@ -60,12 +60,10 @@ def run_method(workdir: Path, method: str, seeds: list[int]) -> list[dict]:
     import torch
 
     from mtl_core.config import load_config
-    from mtl_core.evaluation.evaluate import make_test_loader, score
-    from mtl_core.models.io import load_model
     from mtl_core.paths import ProjectPaths
     from mtl_core.tasks import TaskSpec
+    from mtl_core.training.baselines import fit_and_score, single_task_config
     from mtl_core.training.device import select_device
-    from mtl_core.training.train import ModelFiles, fit
 
     base = load_config(workdir / "params.yaml")
     paths = ProjectPaths(workdir)
@@ -78,10 +76,11 @@ def run_method(workdir: Path, method: str, seeds: list[int]) -> list[dict]:
     rss_before = _rss_mib()
     results = []
     for seed in seeds:
-        train = base.train.model_copy(
-            update={"seed": seed, "weighting": "equal" if method == SINGLE_TASK else method, "weighting_options": OPTIONS.get(method, {})}
-        )
-        cfg = base.model_copy(update={"train": train})
+        if method == SINGLE_TASK:
+            cfg = single_task_config(base)
+        else:
+            cfg = base.model_copy(update={"train": base.train.model_copy(update={"weighting": method, "weighting_options": OPTIONS.get(method, {})})})
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         accuracy: dict[str, float] = {}
@@ -89,10 +88,8 @@ def run_method(workdir: Path, method: str, seeds: list[int]) -> list[dict]:
         for task, spec, columns in jobs:
             folder = workdir / "runs" / method / str(seed) / (task or "all")
             with mlflow.start_run(run_name=f"{method} seed {seed} {task or ''}".strip()):
-                fit(cfg, paths, spec, ModelFiles.in_folder(folder), label_columns=columns)
+                per_task = fit_and_score(cfg, paths, spec, folder, columns)
             seconds += json.loads((folder / "train_metrics.json").read_text())["train_seconds"]
-            model, _ = load_model(folder / "model_spec.json", folder / "model.safetensors", device)
-            per_task, *_ = score(model, make_test_loader(cfg, paths, columns), device, cfg.train.amp)
             accuracy.update({t: v["accuracy"] for t, v in per_task.items()})
         memory = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mib() - rss_before
         results.append({
@@ -150,9 +147,9 @@ def summarise(results: list[dict], tasks: list[str]) -> list[dict]:
         ]  # fmt: skip
         row["delta_m_pct"] = _mean_std(deltas) if deltas else None
         row["seconds_per_epoch"] = float(np.mean([r["seconds_per_epoch"] for r in runs]))
-        row["time_vs_equal"] = row["seconds_per_epoch"] / ref_sec
+        row["time_vs_equal"] = row["seconds_per_epoch"] / ref_sec if equal else None
         row["peak_memory_mib"] = float(np.mean([r["peak_memory_mib"] for r in runs]))
-        row["memory_vs_equal"] = row["peak_memory_mib"] / ref_mem if ref_mem > 0 else None
+        row["memory_vs_equal"] = row["peak_memory_mib"] / ref_mem if equal and ref_mem > 0 else None
         rows.append(row)
     return rows
 
@@ -164,8 +161,9 @@ def markdown(rows: list[dict], tasks: list[str], header: str) -> str:
     for r in rows:
         dm = f"{r['delta_m_pct'][0]:+.2f} ± {r['delta_m_pct'][1]:.2f}" if r["delta_m_pct"] else "—"
         mem_ratio = f"{r['memory_vs_equal']:.2f}×" if r["memory_vs_equal"] is not None else "—"
+        time_ratio = f"{r['time_vs_equal']:.2f}×" if r["time_vs_equal"] is not None else "—"
         cells = [r["method"], *[fmt(r[t]) for t in tasks], fmt(r["mean_accuracy"]), dm, f"{r['seconds_per_epoch']:.1f}",
-                 f"{r['time_vs_equal']:.2f}×", f"{r['peak_memory_mib']:.0f}", mem_ratio]  # fmt: skip
+                 time_ratio, f"{r['peak_memory_mib']:.0f}", mem_ratio]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

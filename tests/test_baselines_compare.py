@@ -95,6 +95,8 @@ def test_comparison_and_baselines_are_in_mlflow(compared: Path, client: MlflowCl
         baseline = client.get_run(run_id)
         assert baseline.data.tags["mtl.kind"] == "single_task_baseline" and baseline.data.tags["mtl.task"] == task
         assert baseline.data.metrics[f"test/{task}/accuracy"] == pytest.approx(stl["tasks"][task]["accuracy"])
+        # its params are those it was trained with: the plain network, plain training
+        assert baseline.data.params["model.arch"] == "hard_sharing" and baseline.data.params["train.weighting"] == "equal"
         assert baseline.info.run_id != run.info.run_id
 
 

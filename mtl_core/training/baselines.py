@@ -31,6 +31,25 @@ from mtl_core.training.train import ModelFiles, fit, log_config_params
 log = logging.getLogger(__name__)
 
 
+def fit_and_score(
+    cfg: PipelineConfig, paths: ProjectPaths, tasks: TaskSpec, folder: Path, label_columns: list[int] | None = None
+) -> dict[str, dict[str, float]]:
+    """Train a model on `tasks` (label columns `label_columns` of the cache) into `folder` inside the
+    active MLflow run, then score its best weights on the test split: per-task metrics."""
+    fit(cfg, paths, tasks, ModelFiles.in_folder(folder), label_columns=label_columns)
+    device = select_device(cfg.train.device)
+    model, _ = load_model(folder / "model_spec.json", folder / "model.safetensors", device)
+    per_task, *_ = score(model, make_test_loader(cfg, paths, label_columns), device, cfg.train.amp)
+    return per_task
+
+
+def single_task_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The plain single-task network of `cfg`: same backbone and budget, hard sharing, plain training."""
+    model = cfg.model.model_copy(update={"arch": "hard_sharing", "arch_options": {}})
+    train = cfg.train.model_copy(update={"weighting": "equal", "weighting_options": {}})
+    return cfg.model_copy(update={"model": model, "train": train})
+
+
 def run_baselines(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     paths = ProjectPaths(root)
     if paths.single_task_dir.exists():
@@ -44,26 +63,20 @@ def run_baselines(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
         return report
 
     tasks = TaskSpec.load(paths.tasks_file)
-    model = cfg.model.model_copy(update={"arch": "hard_sharing", "arch_options": {}})
-    cfg = cfg.model_copy(update={"model": model})
     exp_id = setup_mlflow(cfg, root)
-    device = select_device(cfg.train.device)
+    single_cfg = single_task_config(cfg)
     results: dict[str, dict[str, float]] = {}
     runs: dict[str, str] = {}
     for k, task in enumerate(tasks.names):
-        folder = paths.single_task_dir / task
-        single = TaskSpec({task: tasks.classes[task]})
         with mlflow.start_run(experiment_id=exp_id, run_name=f"single-task {task}") as run:
-            log_config_params(cfg)
+            log_config_params(single_cfg)
             tags = {"mtl.kind": "single_task_baseline", "mtl.task": task, **ingested_data_hash(root)}
             if commit := git_commit(root):
                 tags["git_commit"] = commit
             mlflow.set_tags(tags)
-            fit(cfg, paths, single, ModelFiles.in_folder(folder), label_columns=[k], weighting_name="equal")
-            model, _ = load_model(folder / "model_spec.json", folder / "model.safetensors", device)
-            per_task, *_ = score(model, make_test_loader(cfg, paths, [k]), device, cfg.train.amp)
-            results[task] = per_task[task]
-            mlflow.log_metrics({f"test/{task}/{m}": v for m, v in per_task[task].items() if m != "support"})
+            single = TaskSpec({task: tasks.classes[task]})
+            results[task] = fit_and_score(single_cfg, paths, single, paths.single_task_dir / task, [k])[task]
+            mlflow.log_metrics({f"test/{task}/{m}": v for m, v in results[task].items() if m != "support"})
             runs[task] = run.info.run_id
         log.info("baseline %s: test accuracy %.3f", task, results[task]["accuracy"])
     report = {"enabled": True, "tasks": results, "runs": runs}

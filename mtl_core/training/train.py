@@ -269,7 +269,6 @@ def fit(
     tasks: TaskSpec,
     files: ModelFiles,
     label_columns: list[int] | None = None,
-    weighting_name: str | None = None,
 ) -> TrainResult:
     """Train one model on `tasks` (label columns `label_columns` of the cache) inside the active MLflow
     run: per-epoch metrics, a checkpoint every epoch, the best-on-validation weights, the spec."""
@@ -279,9 +278,7 @@ def fit(
     model = build_model(
         cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained, cfg.model.arch_options
     ).to(device)
-    weighting_name = weighting_name or cfg.train.weighting
-    options = dict(cfg.train.weighting_options) if weighting_name == cfg.train.weighting else {}
-    weighting = build_weighting(weighting_name, tasks.names, options).to(device)
+    weighting = build_weighting(cfg.train.weighting, tasks.names, dict(cfg.train.weighting_options)).to(device)
     if getattr(weighting, "on", "params") == "representation" and not model.exact_representation_gradients:
         raise ValueError(
             f"train.weighting_options.on: representation gives wrong gradients with model.arch "
