@@ -65,7 +65,7 @@ def measure(backbone: str, workers: int, weighting: str, steps: int, batch: int,
             z = model.encode(x)
             losses = task_losses(model.decode(z), y, list(NUM_CLASSES))
         opt.zero_grad(set_to_none=True)
-        method.backward(losses, StepContext(shared, private, z))
+        method.backward(losses, StepContext(shared, private, z, last_shared_layer=model.last_shared_layer()))
         opt.step()
         if step >= warmup:
             seen += len(x)

@@ -144,6 +144,11 @@ class TrainConfig(_Strict):
         "from the training labels) or {task: {class: weight}} (unlisted classes weigh 1.0).",
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Max L2 norm of the shared parameters' gradient, applied after the weighting method's "
+        "backward (clip_grad_norm_); null: no clipping. Nash-MTL's reference code uses 1.0.",
+    )  # fmt: skip
     task_affinity_every: int = Field(
         25, ge=0, description="Measure task-gradient cosine similarity every N steps (K extra backward passes); 0: off."
     )

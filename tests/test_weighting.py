@@ -65,7 +65,10 @@ class Tiny:
         return z, {t: F.cross_entropy(self.heads[t](z), self.y[t]) for t in self.tasks}
 
     def ctx(self, z: Tensor) -> StepContext:
-        return StepContext(self.shared_params, {t: list(h.parameters()) for t, h in self.heads.items()}, z)
+        return StepContext(
+            self.shared_params, {t: list(h.parameters()) for t, h in self.heads.items()}, z,
+            last_shared_layer=[self.shared.weight],
+        )  # fmt: skip
 
     def step(self, method: Any) -> dict[str, float]:
         for p in self.all_params():
@@ -75,7 +78,7 @@ class Tiny:
         if method.needs_losses_after_step:
             with torch.no_grad():
                 method.after_step(self.forward()[1])
-        return weights
+        return method.as_dict(weights)
 
     def shared_grad(self) -> Tensor:
         return torch.cat([p.grad.reshape(-1) for p in self.shared_params])
@@ -242,7 +245,7 @@ def test_uncertainty_loss_and_log_variance_gradient() -> None:
     # classification form: sum_t exp(-s_t) L_t + s_t / 2
     expected_value = sum(math.exp(-sv) * lv + sv / 2 for sv, lv in zip(s.tolist(), [1.5, 0.7]))
     assert abs(method.total_loss(stacked, StepContext([])).item() - expected_value) < 1e-6
-    weights = method.backward(losses, StepContext([]))
+    weights = method.as_dict(method.backward(losses, StepContext([])))
     expected_ds = [-math.exp(-sv) * lv + 0.5 for sv, lv in zip(s.tolist(), [1.5, 0.7])]
     torch.testing.assert_close(method.log_vars.grad, torch.tensor(expected_ds))
     for t, sv in zip(("a", "b"), s.tolist()):
@@ -255,15 +258,15 @@ def test_uncertainty_loss_and_log_variance_gradient() -> None:
 
 def test_dwa_weights_from_a_known_loss_history() -> None:
     method = build_weighting("dwa", ["a", "b"], {"temperature": 2.0})
-    assert method.backward(leaf_losses([1.0, 1.0], ("a", "b")), StepContext([])) == {"a": 1.0, "b": 1.0}
+    assert method.as_dict(method.backward(leaf_losses([1.0, 1.0], ("a", "b")), StepContext([]))) == {"a": 1.0, "b": 1.0}
     method.on_epoch_end(0, {"a": 1.0, "b": 2.0})
-    assert method.backward(leaf_losses([1.0, 1.0], ("a", "b")), StepContext([])) == {"a": 1.0, "b": 1.0}
+    assert method.as_dict(method.backward(leaf_losses([1.0, 1.0], ("a", "b")), StepContext([]))) == {"a": 1.0, "b": 1.0}
     method.on_epoch_end(1, {"a": 0.5, "b": 1.8})
     # r = (0.5 / 1.0, 1.8 / 2.0) = (0.5, 0.9); w = 2 softmax(r / 2)
     ea, eb = math.exp(0.25), math.exp(0.45)
     expected = {"a": 2 * ea / (ea + eb), "b": 2 * eb / (ea + eb)}
     losses = leaf_losses([0.4, 1.7], ("a", "b"))
-    weights = method.backward(losses, StepContext([]))
+    weights = method.as_dict(method.backward(losses, StepContext([])))
     for t in ("a", "b"):
         assert abs(weights[t] - expected[t]) < 1e-6
         assert abs(float(losses[t].grad) - expected[t]) < 1e-6
@@ -297,7 +300,7 @@ def test_gradnorm_backward_on_a_hand_made_layer() -> None:
     def losses() -> dict[str, Tensor]:
         return {"a": 3 * weight.sum(), "b": weight.sum()}
 
-    weights = method.backward(losses(), StepContext([weight]))
+    weights = method.as_dict(method.backward(losses(), StepContext([weight], last_shared_layer=[weight])))
     # first step: L = L(0), r = (1, 1), target = mean(G) = 2, G = (3, 1) -> dLgrad/dw = (+3, -1)
     assert weights == {"a": 1.0, "b": 1.0}
     torch.testing.assert_close(method.loss_weights.grad, torch.tensor([3.0, -1.0]))
@@ -307,7 +310,7 @@ def test_gradnorm_backward_on_a_hand_made_layer() -> None:
         method.loss_weights -= 0.1 * method.loss_weights.grad
     weight.grad = None
     method.loss_weights.grad = None
-    weights = method.backward(losses(), StepContext([weight]))
+    weights = method.as_dict(method.backward(losses(), StepContext([weight], last_shared_layer=[weight])))
     torch.testing.assert_close(torch.tensor([weights["a"], weights["b"]]), torch.tensor([0.7, 1.1]) * 2 / 1.8)
     torch.testing.assert_close(weight.grad, torch.tensor([[(3 * 0.7 + 1.1) * 2 / 1.8]]))
 
@@ -321,7 +324,7 @@ def test_rlw_weights_sum_to_one_and_are_seeded() -> None:
         out = []
         for _ in range(3):
             losses = leaf_losses([1.0, 2.0, 3.0], ("a", "b", "c"))
-            w = method.backward(losses, StepContext([]))
+            w = method.as_dict(method.backward(losses, StepContext([])))
             assert abs(sum(w.values()) - 1) < 1e-6 and all(v > 0 for v in w.values())
             assert [float(losses[t].grad) for t in "abc"] == pytest.approx(list(w.values()), rel=1e-6)
             out.append(list(w.values()))
@@ -345,7 +348,7 @@ def test_famo_effective_weights_and_logit_update() -> None:
     method = build_weighting("famo", ["a", "b"], {"gamma": gamma, "w_lr": lr})
     before = [1.0, 2.0]
     losses = leaf_losses(before, ("a", "b"))
-    weights = method.backward(losses, StepContext([]))
+    weights = method.as_dict(method.backward(losses, StepContext([])))
     # xi = 0 -> z = (1/2, 1/2), c = sum z / L; loss-gradient weights z_t / (c L_t) = (2/3, 1/3)
     for t, e in zip("ab", [2 / 3, 1 / 3]):
         assert abs(weights[t] - e) < 1e-6 and abs(float(losses[t].grad) - e) < 1e-6
@@ -390,7 +393,7 @@ def test_task_assignment_weights_are_a_softmax_summing_to_one() -> None:
     theta = torch.tensor([0.2, -1.0, 0.5])
     method.logits.data = theta.clone()
     lv = torch.tensor([1.0, 0.3, 2.0])
-    weights = method.backward(leaf_losses(lv.tolist(), ("a", "b", "c")), StepContext([]))
+    weights = method.as_dict(method.backward(leaf_losses(lv.tolist(), ("a", "b", "c")), StepContext([])))
     w = torch.softmax(theta, 0)
     torch.testing.assert_close(torch.tensor(list(weights.values())), w)
     assert abs(sum(weights.values()) - 1) < 1e-6

@@ -171,12 +171,22 @@ def test_nash_orthogonal_gradients_hand_computed() -> None:
     # M = diag(4, 1): alpha_t^2 M_tt = 1 -> alpha = (1/2, 1); d = (1, 1)
     grads = t([2.0, 0.0], [0.0, 1.0])
     torch.testing.assert_close(nash_bargaining_solve(gram_matrix(grads)), t([0.5, 1.0])[0])
-    # normalised (official): M / |M|_F, alpha scales by |M|_F^(1/2)
-    fro = float(np.sqrt(17.0))
-    torch.testing.assert_close(
-        nash_mtl_weights(gram_matrix(grads), normalize=True, ridge=0.0), t([0.5, 1.0])[0] * fro**0.5
-    )
-    torch.testing.assert_close(nash_mtl_combine(grads, normalize=False, ridge=0.0), t([1.0, 1.0])[0])
+    # normalised (official code): solved on M / |M|_F for conditioning, |M|_F multiplied back into the
+    # constraint, so the weights are those of the raw problem, not |M|_F^(1/2) = 17^(1/4) times them
+    for normalize in (True, False):
+        torch.testing.assert_close(nash_mtl_weights(gram_matrix(grads), normalize=normalize, ridge=0.0), t([0.5, 1.0])[0])
+        torch.testing.assert_close(nash_mtl_combine(grads, normalize=normalize, ridge=0.0), t([1.0, 1.0])[0])
+
+
+def test_nash_update_does_not_grow_with_the_gradient_scale() -> None:
+    # the bargaining solution is homogeneous: gradients s x larger -> alpha 1/s, the same update d
+    grads = random_grads(3, 40, seed=3)
+    d = nash_mtl_combine(grads)
+    for s in (1e-2, 10.0, 1e3):
+        torch.testing.assert_close(nash_mtl_combine(grads * s), d, rtol=1e-6, atol=1e-9)
+    alpha = nash_mtl_weights(gram_matrix(grads))
+    # (G G^T alpha)_t alpha_t = 1, up to the default ridge of 1e-6
+    torch.testing.assert_close(grads @ d * alpha, torch.ones(3, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 # --- Aligned-MTL ------------------------------------------------------------------------------------

@@ -54,6 +54,15 @@ class MultiTaskModel(nn.Module):
         private = {id(p) for t in self.task_names for p in self.task_parameters(t)}
         return [p for p in self.parameters() if id(p) not in private]
 
+    def last_shared_layer(self) -> list[nn.Parameter] | None:
+        """The weight of the last layer every task's output goes through (GradNorm's W): by default the
+        last trainable shared parameter with >= 2 dims, in registration (= forward) order. None where
+        there is no single one (overridden by MMoE and cross-stitch)."""
+        for p in reversed(self.shared_parameters()):
+            if p.requires_grad and p.dim() >= 2:
+                return [p]
+        return None
+
 
 ARCHITECTURES: dict[str, type[MultiTaskModel]] = {}
 
@@ -152,6 +161,11 @@ class MultiGateMixtureOfExperts(MultiTaskModel):
         yield from self.gates[task].parameters()
         yield from self.heads[task].parameters()
 
+    def last_shared_layer(self) -> None:
+        """None: the experts run side by side, so no one shared layer sees every task's gradient (the
+        last registered parameter is one expert's weight)."""
+        return None
+
 
 class CrossStitchUnit(nn.Module):
     """Mixes K task activations linearly: out_i = sum_j alpha[i, j] * in_j (alpha learned, K x K).
@@ -232,6 +246,11 @@ class CrossStitch(MultiTaskModel):
     @property
     def exact_representation_gradients(self) -> bool:
         return not self.task_specific_branches
+
+    def last_shared_layer(self) -> None:
+        """None: with per-task branches the only shared parameters are the K x K stitches (the last
+        one mixes final activations, not a layer every task's features are computed by)."""
+        return None
 
     def encode(self, x: Tensor) -> Tensor:
         hs = [x] * len(self.task_names)

@@ -36,7 +36,7 @@ from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.tracking import flatten, git_commit, ingested_data_hash, setup_mlflow, write_run_info
 from mtl_core.training.device import autocast, select_device, seed_everything
 from mtl_core.transforms import eval_transform, train_transform
-from mtl_core.weighting import LossWeighting, StepContext, build_weighting
+from mtl_core.weighting import GradientBalancing, LossWeighting, StepContext, build_weighting
 
 log = logging.getLogger(__name__)
 
@@ -99,30 +99,56 @@ def masked_accuracy(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 class EpochStats:
-    """Running per-task loss (per labelled sample) and accuracy over one training epoch."""
+    """Running per-task loss (per labelled sample), accuracy and method weight over one training epoch.
 
-    def __init__(self, tasks: list[str]) -> None:
+    The sums stay on the training device: nothing here waits for the GPU; `summary()` (once per epoch)
+    and `mean_loss()` (once per logging interval) are the only host syncs."""
+
+    def __init__(self, tasks: list[str], device: torch.device) -> None:
         self.tasks = tasks
-        self.loss_sum = dict.fromkeys(tasks, 0.0)
-        self.correct = dict.fromkeys(tasks, 0)
-        self.count = dict.fromkeys(tasks, 0)
+        k = len(tasks)
+        self.loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        self.correct = torch.zeros(k, dtype=torch.int64, device=device)
+        self.count = torch.zeros(k, dtype=torch.int64, device=device)
+        self.weight_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        self.steps = 0
 
-    def update(self, losses: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], y: torch.Tensor) -> None:
-        for k, t in enumerate(self.tasks):
-            labelled = y[:, k] != MISSING_LABEL
-            n = int(labelled.sum())
-            self.loss_sum[t] += float(losses[t].detach()) * n
-            self.correct[t] += int((logits[t].detach().argmax(1)[labelled] == y[labelled, k]).sum())
-            self.count[t] += n
+    def update(
+        self, losses: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], y: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        labelled = y != MISSING_LABEL  # (N, K)
+        n = labelled.sum(0)
+        loss = torch.stack([losses[t].detach().double() for t in self.tasks])
+        pred = torch.stack([logits[t].detach().argmax(1) for t in self.tasks], dim=1)
+        self.loss_sum += loss * n
+        self.correct += ((pred == y) & labelled).sum(0)
+        self.count += n
+        self.weight_sum += weights.to(self.weight_sum.device, torch.float64)
+        self.steps += 1
 
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {
+    def mean_loss(self) -> float:
+        """Mean over tasks of the per-sample training loss so far (a host sync: call it rarely)."""
+        per_task = self.loss_sum / self.count.clamp(min=1)
+        return float(per_task[self.count > 0].mean()) if bool((self.count > 0).any()) else float("nan")
+
+    def summary(self) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """({task: {loss, accuracy}}, {task: mean method weight per step}); NaN for a task never labelled."""
+        loss, correct, count = self.loss_sum.cpu(), self.correct.cpu(), self.count.cpu()
+        weights = (self.weight_sum / max(self.steps, 1)).cpu()
+        stats = {
             t: {
-                "loss": self.loss_sum[t] / self.count[t] if self.count[t] else float("nan"),
-                "accuracy": self.correct[t] / self.count[t] if self.count[t] else float("nan"),
+                "loss": float(loss[k] / count[k]) if count[k] else float("nan"),
+                "accuracy": float(correct[k] / count[k]) if count[k] else float("nan"),
             }
-            for t in self.tasks
+            for k, t in enumerate(self.tasks)
         }
+        return stats, {t: float(weights[k]) for k, t in enumerate(self.tasks)}
+
+
+def labelled_tasks(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(K,) bool: which tasks have a labelled sample with non-zero weight in the batch (CPU tensors in,
+    so the weighting methods get it without a device sync)."""
+    return ((y != MISSING_LABEL) & (w > 0)[:, None]).any(0)
 
 
 def validate(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: bool) -> dict[str, dict[str, float]]:
@@ -135,6 +161,10 @@ def validate(model: MultiTaskModel, loader: DataLoader, device: torch.device, am
         nll = -np.log(np.clip(p[np.arange(len(p)), y[labelled]], 1e-12, None)).mean() if labelled.any() else float("nan")
         out[t] = {"loss": float(nll), "accuracy": masked_accuracy(probs[t].argmax(1), y)}
     return out
+
+
+LOG_EVERY_STEPS = 25
+"""How often the progress bar shows the running loss: its one host sync."""
 
 
 def train_one_epoch(
@@ -153,16 +183,17 @@ def train_one_epoch(
     """One pass over the training data; returns (per-task stats, mean task weights, images seen, steps)."""
     model.train()
     tasks = model.task_names
-    stats = EpochStats(tasks)
-    weight_sums = dict.fromkeys(tasks, 0.0)
+    stats = EpochStats(tasks, device)
     shared = model.shared_parameters()
     private = {t: list(model.task_parameters(t)) for t in tasks}
+    last_shared = model.last_shared_layer()
     max_steps = cfg.train.max_steps_per_epoch or len(loader)
     images = steps = 0
     bar = tqdm(loader, total=min(max_steps, len(loader)), desc=f"epoch {epoch}", unit="batch", disable=None, leave=False)
     for x, y, w in bar:
         if steps >= max_steps:
             break
+        labelled = labelled_tasks(y, w)
         x, y, w = x.to(device, non_blocking=True), y.to(device, non_blocking=True), w.to(device, non_blocking=True)
         with autocast(device, cfg.train.amp):
             z = model.encode(x)
@@ -171,21 +202,26 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         if tracker is not None and tracker.due(global_step + steps):
             tracker.measure(losses, shared)
-        ctx = StepContext(shared_params=shared, task_params=private, shared_repr=z, step=global_step + steps, epoch=epoch)
+        ctx = StepContext(
+            shared_params=shared, task_params=private, shared_repr=z, step=global_step + steps, epoch=epoch,
+            labelled=labelled, last_shared_layer=last_shared,
+        )  # fmt: skip
         weights = weighting.backward(losses, ctx)
+        if cfg.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(shared, cfg.train.grad_clip)
         optimizer.step()
         scheduler.step()
         if weighting.needs_losses_after_step:  # FAMO: the same batch's losses under the updated weights
             with torch.no_grad(), autocast(device, cfg.train.amp):
                 weighting.after_step(loss_fn(model(x), y, w))
-        stats.update(losses, logits, y)
-        for t in tasks:
-            weight_sums[t] += weights[t]
+        stats.update(losses, logits, y, weights)
         images += len(x)
         steps += 1
-        bar.set_postfix(loss=f"{sum(float(v.detach()) for v in losses.values()) / len(tasks):.3f}")
+        if steps % LOG_EVERY_STEPS == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{stats.mean_loss():.3f}")
     bar.close()
-    return stats.summary(), {t: w / max(steps, 1) for t, w in weight_sums.items()}, images, steps
+    per_task, mean_weights = stats.summary()
+    return per_task, mean_weights, images, steps
 
 
 def _metrics(prefix: str, per_task: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -279,7 +315,7 @@ def fit(
         cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained, cfg.model.arch_options
     ).to(device)
     weighting = build_weighting(cfg.train.weighting, tasks.names, dict(cfg.train.weighting_options)).to(device)
-    if getattr(weighting, "on", "params") == "representation" and not model.exact_representation_gradients:
+    if isinstance(weighting, GradientBalancing) and weighting.on == "representation" and not model.exact_representation_gradients:
         raise ValueError(
             f"train.weighting_options.on: representation gives wrong gradients with model.arch "
             f"{cfg.model.arch!r} (task-specific parameters inside the encoder); use on: params"
@@ -330,7 +366,10 @@ def fit(
             cosines[epoch] = matrix.tolist()
             mlflow.log_dict({"tasks": tasks.names, "epoch": epoch, "cosine": cosines[epoch]},
                             f"task_relations/gradient_cosine_epoch_{epoch:03d}.json")  # fmt: skip
-        torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, files.checkpoint)
+        torch.save(
+            {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "weighting": weighting.state_dict()},
+            files.checkpoint,
+        )
         if row["val/mean/accuracy"] > best[0]:
             best = (row["val/mean/accuracy"], epoch)
             save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, files.weights)

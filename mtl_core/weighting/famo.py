@@ -36,7 +36,11 @@ class FAMO(LossWeighting):
     xi takes one Adam step (lr w_lr, L2 weight decay gamma, betas (0.9, 0.999)) along
     grad_xi softmax(xi) . delta = z * (delta - z . delta): tasks whose log-loss fell most lose weight.
     As in the official code xi has its own Adam (written out here), so `parameters()` is empty and the
-    trainer's optimizer never sees xi.
+    trainer's optimizer never sees xi; `state_dict()` holds xi and the Adam moments.
+
+    Missing labels: in a batch where some tasks are unlabelled, FAMO runs on the labelled ones alone:
+    the softmax over their logits, their losses in c, and after the step an Adam update of their
+    logits only (each logit keeps its own step count).
 
     Needs `after_step` (`needs_losses_after_step = True`): the trainer re-evaluates the losses of the
     same batch under torch.no_grad() after optimizer.step(). `backward` raises if the previous step's
@@ -76,47 +80,77 @@ class FAMO(LossWeighting):
         self.logits = torch.zeros(self.num_tasks)
         self.adam_m = torch.zeros(self.num_tasks)
         self.adam_v = torch.zeros(self.num_tasks)
-        self.adam_steps = 0
+        # Adam's step count per logit: a task unlabelled in a batch skips that step's logit update
+        self.adam_steps = torch.zeros(self.num_tasks)
         self.prev_losses: Tensor | None = None
+        self.prev_labelled: Tensor | None = None
 
     def to(self, device: torch.device | str) -> FAMO:
-        for attr in ("logits", "adam_m", "adam_v", "min_losses"):
+        for attr in ("logits", "adam_m", "adam_v", "adam_steps", "min_losses"):
             setattr(self, attr, getattr(self, attr).to(device))
         return self
 
-    def _adam_step(self, grad: Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        """One step of torch.optim.Adam (L2 weight decay gamma, bias correction) on the logits, written
-        out: K numbers do not need an optimizer object (whose construction is slow)."""
+    def _adam_step(
+        self, grad: Tensor, active: Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        """One step of torch.optim.Adam (L2 weight decay gamma, bias correction) on the `active` logits,
+        written out so that each logit keeps its own step count (with every task labelled in every
+        batch this is exactly torch.optim.Adam over the K logits)."""
         b1, b2 = betas
         grad = grad + self.gamma * self.logits
-        self.adam_steps += 1
-        self.adam_m = b1 * self.adam_m + (1 - b1) * grad
-        self.adam_v = b2 * self.adam_v + (1 - b2) * grad**2
-        m_hat = self.adam_m / (1 - b1**self.adam_steps)
-        v_hat = self.adam_v / (1 - b2**self.adam_steps)
-        self.logits = self.logits - self.w_lr * m_hat / (v_hat.sqrt() + eps)
+        steps = self.adam_steps + active.to(self.adam_steps.dtype)
+        m = torch.where(active, b1 * self.adam_m + (1 - b1) * grad, self.adam_m)
+        v = torch.where(active, b2 * self.adam_v + (1 - b2) * grad**2, self.adam_v)
+        n = steps.clamp(min=1)
+        m_hat = m / (1 - b1**n)
+        v_hat = v / (1 - b2**n)
+        self.logits = torch.where(active, self.logits - self.w_lr * m_hat / (v_hat.sqrt() + eps), self.logits)
+        self.adam_m, self.adam_v, self.adam_steps = m, v, steps
 
-    def backward(self, losses: dict[str, Tensor], ctx: StepContext) -> dict[str, float]:
+    def backward(self, losses: dict[str, Tensor], ctx: StepContext) -> Tensor:
         if self.prev_losses is not None:
             raise RuntimeError(
                 "famo: after_step(losses_after) was not called after the previous step "
                 "(the trainer must call it after optimizer.step(), see LossWeighting.after_step)"
             )
         stacked = self.stack_losses(losses).float()  # log-losses in float32 even under autocast
-        min_l = self.min_losses.to(stacked.device, stacked.dtype)
-        famo_loss(stacked, self.logits.to(stacked.device), min_l, self.eps).backward()
-        d = (stacked.detach() - min_l + self.eps).clamp(min=self.eps)
-        z = torch.softmax(self.logits, 0).to(d)
+        mask = self.labelled_mask(ctx)
+        self.prev_labelled = mask.to(self.logits.device)
         self.prev_losses = stacked.detach().clone()
-        return self.as_dict((z / d) / (z / d).sum())
+        if not bool(mask.any()):
+            return torch.zeros_like(stacked).detach()
+        idx = mask.nonzero().flatten().to(stacked.device)
+        min_l = self.min_losses.to(stacked.device, stacked.dtype)[idx]
+        logits = self.logits.to(stacked.device)[idx]
+        sub = stacked[idx]
+        famo_loss(sub, logits, min_l, self.eps).backward()
+        d = (sub.detach() - min_l + self.eps).clamp(min=self.eps)
+        z = torch.softmax(logits, 0).to(d)
+        w = torch.zeros_like(stacked).detach()
+        w[idx] = (z / d) / (z / d).sum()
+        return w
 
     def after_step(self, losses_after: dict[str, Tensor]) -> None:
-        if self.prev_losses is None:
+        if self.prev_losses is None or self.prev_labelled is None:
             raise RuntimeError("famo: after_step called without a preceding backward")
         curr = self.stack_losses(losses_after).detach().float().to(self.prev_losses.device)
+        prev, active = self.prev_losses, self.prev_labelled
+        self.prev_losses = self.prev_labelled = None
+        if not bool(active.any()):
+            return
         min_l = self.min_losses.to(curr.device)
-        delta = (self.prev_losses - min_l + self.eps).clamp(min=self.eps).log() - (
-            curr - min_l + self.eps
-        ).clamp(min=self.eps).log()
-        self._adam_step(famo_logit_grad(self.logits, delta.to(self.logits)))
-        self.prev_losses = None
+        delta = (prev - min_l + self.eps).clamp(min=self.eps).log() - (curr - min_l + self.eps).clamp(min=self.eps).log()
+        delta = delta.to(self.logits)
+        grad = torch.zeros_like(self.logits)
+        idx = active.nonzero().flatten()
+        grad[idx] = famo_logit_grad(self.logits[idx], delta[idx])  # softmax over the labelled tasks' logits
+        self._adam_step(grad, active)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {k: getattr(self, k).detach().cpu().clone() for k in ("logits", "adam_m", "adam_v", "adam_steps")}
+        return {**super().state_dict(), **state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for k in ("logits", "adam_m", "adam_v", "adam_steps"):
+            setattr(self, k, state[k].clone().to(self.logits.device, torch.float32))

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtl_core.weighting.base import LossWeighting, StepContext
 
@@ -135,17 +135,17 @@ class GradientBalancing(LossWeighting):
     def combine_weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         """Weights w (K,), float64, from the Gram matrix (K, K, float64) and detached losses (K,)."""
 
-    def backward(self, losses: dict[str, Tensor], ctx: StepContext) -> dict[str, float]:
+    def backward(self, losses: dict[str, Tensor], ctx: StepContext) -> Tensor:
+        """Solve on the labelled tasks alone: an unlabelled task (zero loss, zero gradient) is left out
+        of the per-task gradients and of the solve, and gets weight 0."""
         stacked = self.stack_losses(losses)
-        grads = shared_task_gradients([losses[t] for t in self.task_names], self.task_names, ctx, self.on)
-        w = self.combine_weights(gram_matrix(grads), stacked.detach().double().cpu())
+        mask = self.labelled_mask(ctx)
+        weights = torch.zeros(self.num_tasks, dtype=torch.float64)
+        if not bool(mask.any()):
+            return weights
+        active = [t for t, m in zip(self.task_names, mask.tolist()) if m]
+        grads = shared_task_gradients([losses[t] for t in active], active, ctx, self.on)
+        w = self.combine_weights(gram_matrix(grads), stacked.detach()[mask.to(stacked.device)].double().cpu())
         apply_shared_gradient(combine(grads, w), ctx, self.on)
-        return self.as_dict(w)
-
-
-def last_shared_layer(params: Sequence[nn.Parameter]) -> list[Tensor]:
-    """The last trainable shared parameter with >= 2 dims (the last layer's weight, GradNorm's W)."""
-    for p in reversed(trainable(params)):
-        if p.dim() >= 2:
-            return [p]
-    raise ValueError("ctx.shared_params has no trainable weight matrix / kernel (parameter with >= 2 dims)")
+        weights[mask] = w
+        return weights

@@ -53,12 +53,20 @@ def nash_bargaining_solve(
 
 
 def nash_mtl_weights(gram: Tensor, normalize: bool = True, ridge: float = 1e-6) -> Tensor:
-    """Nash-MTL weights; with normalize=True (official code) M is first divided by its Frobenius norm,
-    which makes the update scale like the gradients instead of having norm sqrt(K)."""
+    """Nash-MTL weights: alpha with (M alpha)_t alpha_t = 1 on the raw Gram matrix M.
+
+    normalize=True solves on M / n (n = |M|_F) for conditioning and maps back: if M/n a = 1/a then
+    alpha = a / sqrt(n) solves M alpha = 1/alpha. That is what the authors' code does: it divides
+    G^T G by n but multiplies n back into the constraint, log(alpha_t n) + log((G^T G / n alpha)_t)
+    >= 0 (`methods/weight_methods.py`, `normalization_factor_param`), so its alpha is the solution of
+    the unnormalised problem. (Returning a itself, as this project did before, gave updates sqrt(n)
+    times too large: 11x to 129x with gradients of order 1.) The result does not depend on
+    `normalize`; it only changes the scale the Newton iterations run at."""
     m = gram.double()
-    if normalize:
-        m = m / torch.linalg.norm(m).clamp(min=1e-30)
-    return nash_bargaining_solve(m, ridge=ridge)
+    if not normalize:
+        return nash_bargaining_solve(m, ridge=ridge)
+    n = torch.linalg.norm(m).clamp(min=1e-30)
+    return nash_bargaining_solve(m / n, ridge=ridge) / n.sqrt()
 
 
 def nash_mtl_combine(grads: Tensor, normalize: bool = True, ridge: float = 1e-6) -> Tensor:
@@ -70,11 +78,12 @@ class NashMTL(GradientBalancing):
     """Nash-MTL (Navon et al., 2022): the update d = G^T alpha is the Nash bargaining solution of the
     tasks, characterised by (G G^T) alpha = 1 / alpha, alpha > 0 (each task's directional derivative
     d . g_t = 1 / alpha_t). Solved by damped Newton on a convex potential instead of the paper's
-    cvxpy sequence of convex problems; the official per-step gradient clipping (max_norm 1.0) is left
-    to the trainer.
+    cvxpy sequence of convex problems. The official code also clips the shared gradient to norm 1.0
+    after the method's backward (`max_norm`); here that is the trainer's `train.grad_clip` (set it to
+    1.0 to match), which applies to every method.
 
-    Options: `normalize` (bool, default true: divide G G^T by its Frobenius norm first, as the official
-    code), `ridge` (float, default 1e-6, relative Tikhonov term for linearly dependent gradients),
+    Options: `normalize` (bool, default true: solve on G G^T / |G G^T|_F and scale back, as the
+    official code; the weights are the same either way), `ridge` (float, default 1e-6, relative Tikhonov term for linearly dependent gradients),
     `on` (params | representation; default params).
     Cost per step: `on: params` -- K backward passes through the network, K x P memory;
     `on: representation` -- K backward passes through the heads + 1 through the backbone,

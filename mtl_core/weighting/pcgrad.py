@@ -57,3 +57,10 @@ class PCGrad(GradientBalancing):
 
     def combine_weights(self, gram: Tensor, losses: Tensor) -> Tensor:
         return pcgrad_weights(gram, self.generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])

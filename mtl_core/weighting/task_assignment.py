@@ -36,6 +36,8 @@ class TaskAssignment(LinearCombination):
     Cost per step: one backward pass; K extra parameters.
     """
 
+    weights_sum = "one"  # a batch with unlabelled tasks: the softmax over the labelled tasks' logits
+
     def __init__(self, task_names: Sequence[str], *, entropy: float = 1.0, **options: Any) -> None:
         super().__init__(task_names, **options)
         if entropy < 0:
@@ -49,5 +51,5 @@ class TaskAssignment(LinearCombination):
     def weights(self, losses: Tensor, ctx: StepContext) -> Tensor:
         return torch.softmax(self.logits, dim=0).to(losses.dtype)
 
-    def regulariser(self, weights: Tensor, losses: Tensor) -> Tensor:
+    def regulariser(self, weights: Tensor, losses: Tensor, labelled: Tensor) -> Tensor:
         return -self.entropy * entropy(weights)

@@ -36,5 +36,6 @@ class UncertaintyWeighting(LinearCombination):
     def weights(self, losses: Tensor, ctx: StepContext) -> Tensor:
         return torch.exp(-self.log_vars).to(losses.dtype)
 
-    def regulariser(self, weights: Tensor, losses: Tensor) -> Tensor:
-        return self.log_vars.sum() / 2
+    def regulariser(self, weights: Tensor, losses: Tensor, labelled: Tensor) -> Tensor:
+        """sum_t s_t / 2 over the labelled tasks: an unlabelled task's s_t gets no gradient."""
+        return torch.where(labelled, self.log_vars, torch.zeros_like(self.log_vars)).sum() / 2
