@@ -73,4 +73,21 @@ def test_register_then_champion_moves_only_on_improvement(project, monkeypatch: 
     better = run_register(cfg, root)
     assert (better.version, better.champion_moved, better.previous_champion_version) == ("3", True, "1")
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "3"
-    assert client.get_model_version(name, "3").tags["mean_test_accuracy"] == f"{first.mean_test_accuracy + 0.1:.6f}"
+    assert float(client.get_model_version(name, "3").tags["mean_test_accuracy"]) == first.mean_test_accuracy + 0.1
+
+
+def test_a_tie_does_not_move_the_champion(trained_project: Path, tmp_path: Path):
+    """The same score registered again (the same model retrained, or a rerun) leaves the alias on the
+    first version. The score is chosen so that rounding it to 6 digits would make it look lower."""
+    root = tmp_path / "project"
+    shutil.copytree(trained_project, root)
+    cfg = load_config(root / "params.yaml")
+    mlflow.set_tracking_uri(tracking_uri(cfg, root))
+    paths = ProjectPaths(root)
+    _set_mean_accuracy(paths, 0.1234564)
+    first = run_register(cfg, root)
+    again = run_register(cfg, root)
+    assert (first.champion_moved, again.champion_moved, again.champion_version) == (True, False, first.version)
+    assert again.previous_champion_accuracy == 0.1234564
+    assert "does not beat" in again.reason
+    assert str(MlflowClient().get_model_version_by_alias(cfg.mlflow.model_name, CHAMPION).version) == first.version

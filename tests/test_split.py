@@ -1,7 +1,11 @@
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from mtl_core.data.split import stratified_split
+from mtl_core.paths import ProjectPaths
 
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
@@ -45,3 +49,23 @@ def test_tiny_strata_are_not_all_in_train():
     labels = pd.DataFrame({"a": [f"c{i}" for i in range(200)]})
     split = np.array(stratified_split(labels, FRACTIONS, seed=0))
     assert 10 < (split == "test").sum() < 50
+
+
+def test_train_val_and_test_never_share_an_image(trained_project: Path) -> None:
+    """Leakage check on the ingested built-in data: no path, no file content and no preprocessed image
+    is in two splits (the counts alone would not show three test rows pointing at training images)."""
+    paths = ProjectPaths(trained_project)
+    manifest = pd.read_csv(paths.manifest)
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    where: dict[str, set[str]] = {}
+    for row in manifest.itertuples():
+        file = (trained_project / row.path).resolve()
+        for key in (str(file), hashlib.sha256(file.read_bytes()).hexdigest()):
+            where.setdefault(key, set()).add(row.split)
+    shared = {k: s for k, s in where.items() if len(s) > 1}
+    assert not shared, f"{len(shared)} images in more than one split, e.g. {next(iter(shared.items()))}"
+    cached: dict[bytes, str] = {}
+    for split in ("train", "val", "test"):
+        for image in np.load(paths.images_cache(split)):
+            digest = hashlib.sha256(image.tobytes()).digest()
+            assert cached.setdefault(digest, split) == split, f"a {split} image is also in {cached[digest]}"

@@ -1,7 +1,7 @@
 """Stage `register`: log the model to its MLflow run, register a version, maybe move `champion`.
 
 The alias `champion` moves to the new version only when it beats the current champion on mean test
-accuracy; otherwise the alias stays where it is, and the log and `reports/registry.json` say why.
+accuracy, strictly and unrounded (a tie, such as the same model registered again, leaves it); otherwise the alias stays where it is, and the log and `reports/registry.json` say why.
 Aliases, not the deprecated registry stages.
 """
 
@@ -96,7 +96,7 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
         client = MlflowClient()
         prev_version, prev_score = _current_champion(client, name)
         version = str(mlflow.register_model(info.model_uri, name).version)
-        client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
+        client.set_model_version_tag(name, version, SCORE_TAG, repr(score))  # unrounded: ties compare equal
         client.update_model_version(name, version, description=f"mean test accuracy {score:.4f} (run {run.info.run_id})")
 
         if prev_version is None or prev_score is None or score > prev_score:
