@@ -30,6 +30,24 @@ def test_tracker_measures_on_shared_params_and_averages_per_epoch():
     assert w.grad is None  # measuring leaves .grad alone
 
 
+def test_tracker_leaves_an_unlabelled_task_out_of_the_average():
+    """Task c is unlabelled in the second batch (zero loss, zero gradient): its pairs average over the
+    first batch only, instead of being pulled towards 0 by a gradient that is not there."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    tracker = GradientCosineTracker(["a", "b", "c"], every=1)
+    tracker.measure({"a": w @ torch.tensor([1.0, 0.0]), "b": w @ torch.tensor([1.0, 1.0]), "c": w @ torch.tensor([-1.0, 0.0])}, [w])
+    tracker.measure({"a": w @ torch.tensor([1.0, 0.0]), "b": w @ torch.tensor([0.0, 1.0]), "c": w.sum() * 0.0}, [w],
+                    labelled=torch.tensor([True, True, False]))  # fmt: skip
+    avg = tracker.epoch_average()
+    r = 1 / np.sqrt(2)
+    assert avg[0, 2] == pytest.approx(-1.0) and avg[2, 2] == pytest.approx(1.0)
+    assert avg[1, 2] == pytest.approx(-r)
+    assert avg[0, 1] == pytest.approx((r + 0.0) / 2)
+    # a pair never labelled together is NaN, not 0
+    tracker.measure({"a": w[0], "b": w[1], "c": w.sum() * 0.0}, [w], labelled=torch.tensor([True, True, False]))
+    assert np.isnan(tracker.epoch_average()[0, 2])
+
+
 def test_error_correlation_by_hand():
     targets = np.array([[0, 0], [0, 0], [1, 1], [1, -1], [0, 1]])
     # task a wrong on samples 0 and 2; task b wrong on 0, 2 and 4; sample 3 has no b label

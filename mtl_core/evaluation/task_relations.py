@@ -29,34 +29,43 @@ def cosine_matrix(grads: Tensor) -> np.ndarray:
 
 
 class GradientCosineTracker:
-    """Averages the task-gradient cosine matrix over the measured steps of an epoch."""
+    """Averages the task-gradient cosine matrix over the measured steps of an epoch. A pair of tasks is
+    averaged over the measured batches where both are labelled (an unlabelled task's zero gradient is
+    no evidence that it is unrelated); a pair never measured together is NaN."""
 
     def __init__(self, task_names: Sequence[str], every: int) -> None:
         if every < 1:
             raise ValueError(f"measure every N >= 1 steps, got {every}")
         self.task_names = list(task_names)
         self.every = every
-        self._sum = np.zeros((len(task_names), len(task_names)))
-        self._count = 0
+        k = len(task_names)
+        self._sum = np.zeros((k, k))
+        self._count = np.zeros((k, k))
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def measure(self, losses: dict[str, Tensor], shared_params: Sequence[Tensor]) -> np.ndarray:
-        """Take the K task gradients on the shared parameters (graph kept for the real backward)."""
+    def measure(
+        self, losses: dict[str, Tensor], shared_params: Sequence[Tensor], labelled: Tensor | None = None
+    ) -> np.ndarray:
+        """Take the K task gradients on the shared parameters (graph kept for the real backward);
+        `labelled` (K,) bool marks the tasks with a labelled sample in the batch (None: all)."""
         grads = task_gradients([losses[t] for t in self.task_names], trainable(shared_params), retain_graph=True)
         matrix = cosine_matrix(grads)
-        self._sum += matrix
-        self._count += 1
+        seen = np.ones(len(self.task_names), dtype=bool) if labelled is None else np.asarray(labelled, dtype=bool)
+        both = np.outer(seen, seen)
+        self._sum += np.where(both, matrix, 0.0)
+        self._count += both
         return matrix
 
     def epoch_average(self) -> np.ndarray | None:
         """The mean matrix since the last call (None if nothing was measured), then reset."""
-        if self._count == 0:
+        if not self._count.any():
             return None
-        mean = self._sum / self._count
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(self._count > 0, self._sum / self._count, np.nan)
         self._sum[:] = 0
-        self._count = 0
+        self._count[:] = 0
         return mean
 
 

@@ -201,7 +201,7 @@ def train_one_epoch(
             losses = loss_fn(logits, y, w)
         optimizer.zero_grad(set_to_none=True)
         if tracker is not None and tracker.due(global_step + steps):
-            tracker.measure(losses, shared)
+            tracker.measure(losses, shared, labelled)
         ctx = StepContext(
             shared_params=shared, task_params=private, shared_repr=z, step=global_step + steps, epoch=epoch,
             labelled=labelled, last_shared_layer=last_shared,

@@ -32,13 +32,13 @@ How a trainer drives a method (`method = build_weighting(name, task_names, optio
 
 `backward` ADDS to `.grad` (like `Tensor.backward`), so the trainer zeroes gradients before it, and
 returns the K effective task weights as a detached tensor (on the losses' device: the trainer sums them
-there and reads them once per logging interval, not once per step).
+there and reads them once per epoch, not once per step).
 
 Unlabelled tasks: with missing labels a task may have no labelled sample in a batch; its loss is then a
 constant 0 with zero gradient. `ctx.labelled` (a (K,) bool CPU tensor, built by the trainer from the
 batch's labels before they go to the device) says which tasks have one. Every method treats the step
 exactly as if it had been built for the labelled tasks alone: weight 0 for the others, left out of
-every solve, normaliser and learned statistic (tests/test_weighting.py checks this for each method).
+every solve, normaliser and learned statistic (tests/test_weighting_realities.py checks each method).
 
 State: `state_dict()` / `load_state_dict()` hold everything a method carries between steps (learnable
 weights, histories, generators, moments), as tensors and numbers only, so a checkpoint holding them
