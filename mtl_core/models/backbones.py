@@ -11,20 +11,27 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 
 @dataclass(frozen=True)
 class Backbone:
     """How to build one torchvision network as a flat-feature extractor."""
 
-    factory: Callable[..., nn.Module]
+    factory: Callable[..., nn.Module] | str
+    """A callable, or the name of a `torchvision.models` builder (imported on first use: importing
+    torchvision costs ~10 s on 2 cores, mostly torch._dynamo through torchvision.ops, which a
+    small_cnn stage process need not pay)."""
     weights: str
     strip: Callable[[nn.Module], int]
     """Replace the classifier with Identity in place; return the feature dimension."""
 
     def build(self, pretrained: bool) -> tuple[nn.Module, int]:
-        net = self.factory(weights=self.weights if pretrained else None)
+        factory = self.factory
+        if isinstance(factory, str):
+            from torchvision import models as tvm
+
+            factory = getattr(tvm, factory)
+        net = factory(weights=self.weights if pretrained else None)
         return net, self.strip(net)
 
 
@@ -71,13 +78,13 @@ def _small_cnn(weights: str | None = None) -> nn.Module:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "resnet18": Backbone(tvm.resnet18, "DEFAULT", _strip_fc),
-    "resnet34": Backbone(tvm.resnet34, "DEFAULT", _strip_fc),
-    "resnet50": Backbone(tvm.resnet50, "DEFAULT", _strip_fc),
-    "mobilenet_v3_small": Backbone(tvm.mobilenet_v3_small, "DEFAULT", _strip_classifier),
-    "mobilenet_v3_large": Backbone(tvm.mobilenet_v3_large, "DEFAULT", _strip_classifier),
-    "efficientnet_b0": Backbone(tvm.efficientnet_b0, "DEFAULT", _strip_classifier),
-    "convnext_tiny": Backbone(tvm.convnext_tiny, "DEFAULT", _strip_convnext),
+    "resnet18": Backbone("resnet18", "DEFAULT", _strip_fc),
+    "resnet34": Backbone("resnet34", "DEFAULT", _strip_fc),
+    "resnet50": Backbone("resnet50", "DEFAULT", _strip_fc),
+    "mobilenet_v3_small": Backbone("mobilenet_v3_small", "DEFAULT", _strip_classifier),
+    "mobilenet_v3_large": Backbone("mobilenet_v3_large", "DEFAULT", _strip_classifier),
+    "efficientnet_b0": Backbone("efficientnet_b0", "DEFAULT", _strip_classifier),
+    "convnext_tiny": Backbone("convnext_tiny", "DEFAULT", _strip_convnext),
     "small_cnn": Backbone(_small_cnn, "", lambda net: net.out_dim),
 }
 

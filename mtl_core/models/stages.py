@@ -20,11 +20,8 @@ Any other network raises a ValueError naming the backbone.
 from __future__ import annotations
 
 from torch import nn
-from torchvision import models as tvm
 
 from mtl_core.models.backbones import SmallConvNet
-
-FEATURE_NETS = (tvm.MobileNetV3, tvm.EfficientNet, tvm.ConvNeXt)
 
 
 def _groups(children: list[nn.Module], num_groups: int) -> list[nn.Module]:
@@ -49,13 +46,16 @@ def _small_cnn(net: SmallConvNet) -> tuple[list[nn.Module], nn.Module]:
 
 def split_stages(net: nn.Module, name: str, num_groups: int = 4) -> tuple[nn.ModuleList, nn.Module]:
     """(stages, pool) of the stripped backbone `net` (built as `name`); see the module docstring."""
+    if isinstance(net, SmallConvNet):
+        stages, pool = _small_cnn(net)
+        return nn.ModuleList(stages), pool
+    from torchvision import models as tvm  # only for torchvision backbones (see backbones.Backbone)
+
     if isinstance(net, tvm.ResNet):
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         stages = [stem, net.layer1, net.layer2, net.layer3, net.layer4]
         pool: nn.Module = nn.Sequential(net.avgpool, nn.Flatten(1), net.fc)
-    elif isinstance(net, SmallConvNet):
-        stages, pool = _small_cnn(net)
-    elif isinstance(net, FEATURE_NETS):
+    elif isinstance(net, (tvm.MobileNetV3, tvm.EfficientNet, tvm.ConvNeXt)):
         stages = _groups(list(net.features.children()), num_groups)
         if isinstance(net, tvm.ConvNeXt):  # avgpool, then classifier = LayerNorm2d, Flatten, (Identity)
             pool = nn.Sequential(net.avgpool, net.classifier)
