@@ -52,6 +52,8 @@ class FAMO(LossWeighting):
     """
 
     needs_losses_after_step = True
+    STATE = ("logits", "adam_m", "adam_v", "adam_steps")
+    """What FAMO carries between steps besides its options (saved by `state_dict`)."""
 
     def __init__(
         self,
@@ -86,7 +88,7 @@ class FAMO(LossWeighting):
         self.prev_labelled: Tensor | None = None
 
     def to(self, device: torch.device | str) -> FAMO:
-        for attr in ("logits", "adam_m", "adam_v", "adam_steps", "min_losses"):
+        for attr in (*self.STATE, "min_losses"):
             setattr(self, attr, getattr(self, attr).to(device))
         return self
 
@@ -147,10 +149,11 @@ class FAMO(LossWeighting):
         self._adam_step(grad, active)
 
     def state_dict(self) -> dict[str, Any]:
-        state = {k: getattr(self, k).detach().cpu().clone() for k in ("logits", "adam_m", "adam_v", "adam_steps")}
+        state = {k: getattr(self, k).detach().cpu().clone() for k in self.STATE}
         return {**super().state_dict(), **state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        for k in ("logits", "adam_m", "adam_v", "adam_steps"):
-            setattr(self, k, state[k].clone().to(self.logits.device, torch.float32))
+        device = self.logits.device
+        for k in self.STATE:
+            setattr(self, k, state[k].clone().to(device, torch.float32))

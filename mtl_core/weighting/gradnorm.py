@@ -94,14 +94,15 @@ class GradNorm(LossWeighting):
         with torch.no_grad():  # renormalise the labelled tasks' weights to sum to their number
             w.clamp_(min=1e-4)
             w[idx_w] *= len(idx) / w[idx_w].sum()
-        current = stacked.detach().float().cpu()
-        first = mask & torch.isnan(self.initial_losses)
-        self.initial_losses[first] = current[first]
+        current = stacked.detach().float().to(w.device)  # stays on the device: no host sync per step
+        self.initial_losses = self.initial_losses.to(w.device)
+        first = mask.to(w.device) & torch.isnan(self.initial_losses)
+        self.initial_losses = torch.where(first, current, self.initial_losses)
         active = [self.task_names[i] for i in idx.tolist()]
         per_task = task_gradients([losses[t] for t in active], self._wrt(ctx), retain_graph=True)
         norms = per_task.float().norm(dim=1).to(w.device)
         l_grad = gradnorm_loss(
-            w[idx_w], norms, current[idx].to(w.device), self.initial_losses[idx].to(w.device), self.alpha
+            w[idx_w], norms, current[idx_w], self.initial_losses[idx_w], self.alpha
         )
         (grad_w,) = torch.autograd.grad(l_grad, w)
         w.grad = grad_w if w.grad is None else w.grad + grad_w
@@ -110,7 +111,7 @@ class GradNorm(LossWeighting):
         return effective.detach()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "initial_losses": self.initial_losses.clone()}
+        return {**super().state_dict(), "initial_losses": self.initial_losses.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
