@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -119,8 +119,62 @@ class PreprocessConfig(_Strict):
 class ModelConfig(_Strict):
     arch: str = "hard_sharing"
     arch_options: dict[str, Any] = Field(default_factory=dict)
-    backbone: str = "resnet18"
-    pretrained: bool = False
+    backbone: str = Field(
+        "resnet18",
+        description="A name of mtl_core/models/backbones.py, 'timm:<name>', 'tv:<name>', or any torchvision "
+        "(then timm) classification model name.",
+    )
+    pretrained: bool | str = Field(
+        False,
+        description="false: random init; true: the library downloads its weights; or a local weights file "
+        "(.safetensors, .pth, .pt; relative to the project root) holding the library model's state dict.",
+    )
+    stem: Literal["auto", "imagenet", "small"] = Field(
+        "auto",
+        description="small: CIFAR-style stem (3x3 stride-1 conv, no max-pool) for small images; auto: small "
+        "up to backbones.SMALL_STEM_MAX_SIZE px where the backbone has one, else imagenet.",
+    )
+
+    task_groups: list[list[str]] | None = Field(
+        None,
+        description="null: one network for every task; [[a, b], [c]]: one multi-task network per group, used "
+        "as one model (mtl_core/training/groups.py); every task in exactly one group (checked against the data).",
+    )
+
+    WEIGHT_SUFFIXES: ClassVar[tuple[str, ...]] = (".safetensors", ".pth", ".pt")
+    """Suffixes of a `pretrained` weights file (backbones.WEIGHT_READERS reads them)."""
+
+    @field_validator("pretrained")
+    @classmethod
+    def _weights_file(cls, v: bool | str) -> bool | str:
+        if isinstance(v, str):
+            v = v.strip()
+            if not v.lower().endswith(cls.WEIGHT_SUFFIXES):
+                raise ValueError(
+                    f"must be true, false or the path of a weights file ({', '.join(cls.WEIGHT_SUFFIXES)}), got {v!r}"
+                )
+        return v
+
+    @field_validator("task_groups")
+    @classmethod
+    def _groups(cls, v: list[list[str]] | None) -> list[list[str]] | None:
+        if v is None:
+            return v
+        if not v or any(not g for g in v):
+            raise ValueError("give one or more non-empty groups of task names, e.g. [[shape], [color, size]], or null")
+        names = [t for g in v for t in g]
+        twice = sorted({t for t in names if names.count(t) > 1})
+        if twice:
+            raise ValueError(f"tasks in more than one group: {twice}")
+        return v
+
+    def pretrained_weights(self, root: Path) -> bool | Path:
+        """`pretrained`, with a weights file's path resolved against the project root (the folder of
+        params.yaml), like the other paths of params.yaml."""
+        if isinstance(self.pretrained, bool):
+            return self.pretrained
+        path = Path(self.pretrained).expanduser()
+        return path if path.is_absolute() else Path(root) / path
 
 
 ClassWeights = dict[str, dict[str, float]]
@@ -152,6 +206,16 @@ class TrainConfig(_Strict):
     task_affinity_every: int = Field(
         25, ge=0, description="Measure task-gradient cosine similarity every N steps (K extra backward passes); 0: off."
     )
+    backbone_lr_scale: float = Field(
+        1.0, gt=0, allow_inf_nan=False,
+        description="The backbone's learning rate is lr x this (heads and other new layers: lr); below 1 "
+        "fine-tunes pretrained weights gently, e.g. 0.1.",
+    )  # fmt: skip
+    freeze_backbone_epochs: int = Field(
+        0, ge=0,
+        description="Train only the heads (and other new layers) for the first N epochs, then the whole "
+        "network; N >= epochs never trains the backbone (a linear probe).",
+    )  # fmt: skip
 
     @field_validator("class_weights", mode="before")
     @classmethod

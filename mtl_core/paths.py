@@ -107,6 +107,15 @@ class ProjectPaths:
         return self.reports_dir / "single_task_metrics.json"
 
     @property
+    def all_in_one_dir(self) -> Path:
+        """The all-in-one reference model of a grouped solution (stage all_in_one)."""
+        return self.models_dir.parent / "models_all_in_one"
+
+    @property
+    def all_in_one_metrics(self) -> Path:
+        return self.reports_dir / "all_in_one_metrics.json"
+
+    @property
     def comparison(self) -> Path:
         """Multi-task vs single-task per task, and Δm (DVC metrics)."""
         return self.reports_dir / "comparison.json"

@@ -17,6 +17,7 @@ STAGES: dict[str, str] = {
     "evaluate": "mtl_core.evaluation.evaluate:run_evaluate",
     "register": "mtl_core.registry.register:run_register",
     "baselines": "mtl_core.training.baselines:run_baselines",
+    "all_in_one": "mtl_core.training.all_in_one:run_all_in_one",
     "compare": "mtl_core.evaluation.compare:run_compare",
 }
 

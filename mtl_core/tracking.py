@@ -3,6 +3,10 @@
 One trained model has one MLflow run. `train` opens it and writes its id next to the model
 (`models/mlflow_run.json`); `evaluate` and `register` reopen that run, so when DVC skips a cached stage,
 the later stages still log into the run of the model they actually handle.
+
+A DVC experiment queued with `dvc exp run --queue` runs its stages in a temporary copy of the project
+(`.dvc/tmp/exps/...`); its runs go into the store of the project it came from (`$DVC_ROOT`), not into a
+store inside that copy, which DVC deletes afterwards.
 """
 
 from __future__ import annotations
@@ -26,13 +30,39 @@ DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
 
+def store_root(root: Path) -> Path:
+    """Where the project's local MLflow store lives: `root`, or, when `root` is the temporary copy a queued
+    DVC experiment runs in (inside `$DVC_ROOT/.dvc/tmp`), the project DVC copied it from."""
+    root = root.resolve()
+    dvc_root = os.environ.get("DVC_ROOT")
+    if dvc_root and root.is_relative_to(Path(dvc_root).resolve() / ".dvc" / "tmp"):
+        return Path(dvc_root).resolve()
+    return root
+
+
 def tracking_uri(cfg: PipelineConfig, root: Path) -> str:
     """$MLFLOW_TRACKING_URI, else params' mlflow.tracking_uri, else the project's SQLite file."""
     return (
         os.environ.get("MLFLOW_TRACKING_URI")
         or cfg.mlflow.tracking_uri
-        or f"sqlite:///{(root / DEFAULT_DB).resolve().as_posix()}"
+        or f"sqlite:///{(store_root(root) / DEFAULT_DB).as_posix()}"
     )
+
+
+def experiment_tags(cfg: PipelineConfig) -> dict[str, str]:
+    """The method of a run as tags (`mtl.weighting`, `mtl.arch`, `mtl.backbone`), and the DVC experiment
+    it belongs to when there is one: `dvc.exp_name` and `dvc.exp_baseline_rev` (the commit the experiment
+    started from), from the `$DVC_EXP_NAME` and `$DVC_EXP_BASELINE_REV` that `dvc exp run` sets."""
+    tags = {"mtl.weighting": cfg.train.weighting, "mtl.arch": cfg.model.arch, "mtl.backbone": cfg.model.backbone}
+    for tag, var in (("dvc.exp_name", "DVC_EXP_NAME"), ("dvc.exp_baseline_rev", "DVC_EXP_BASELINE_REV")):
+        if value := os.environ.get(var):
+            tags[tag] = value
+    return tags
+
+
+def run_name(cfg: PipelineConfig) -> str:
+    """The multi-task run's name in the MLflow UI: its method, e.g. `famo · hard_sharing · resnet18`."""
+    return f"{cfg.train.weighting} · {cfg.model.arch} · {cfg.model.backbone}"
 
 
 def setup_mlflow(cfg: PipelineConfig, root: Path) -> str:
@@ -51,7 +81,7 @@ def setup_mlflow(cfg: PipelineConfig, root: Path) -> str:
         mlflow.set_experiment(experiment_id=exp.experiment_id)
         return exp.experiment_id
     # A local store keeps artifacts inside the project too, not in whatever folder we happen to run from.
-    location = (root / DEFAULT_ARTIFACTS).resolve().as_uri() if uri.startswith("sqlite:") else None
+    location = (store_root(root) / DEFAULT_ARTIFACTS).as_uri() if uri.startswith("sqlite:") else None
     exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=location)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id

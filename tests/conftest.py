@@ -72,6 +72,24 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MMoE project with single-task baselines, taken through compare (shared by the baselines /
+    compare tests and the task-group tests, which reuse its data and baselines)."""
+    from mtl_core.pipeline import run_stage
+
+    root = tmp_path_factory.mktemp("compare") / "project"
+    (root / "data" / "datasets").mkdir(parents=True)
+    write_params(root, {
+        "compare": {"single_task": True},
+        "model": {"arch": "mmoe", "arch_options": {"num_experts": 2}},
+        "train": {"epochs": 1, "task_affinity_every": 2},
+    })  # fmt: skip
+    for stage in ("ingest", "preprocess", "train", "evaluate", "baselines", "all_in_one", "compare"):
+        run_stage(stage, root=root)
+    return root
+
+
 def copy_working_tree(dest: Path) -> Path:
     """A fresh git clone of the working tree as it is now (tracked and untracked-not-ignored files).
 

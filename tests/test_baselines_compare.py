@@ -24,20 +24,6 @@ from tests.conftest import write_params
 TASKS = ["shape", "color", "size", "position"]
 
 
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("compare") / "project"
-    (root / "data" / "datasets").mkdir(parents=True)
-    write_params(root, {
-        "compare": {"single_task": True},
-        "model": {"arch": "mmoe", "arch_options": {"num_experts": 2}},
-        "train": {"epochs": 1, "task_affinity_every": 2},
-    })  # fmt: skip
-    for stage in ("ingest", "preprocess", "train", "evaluate", "baselines", "compare"):
-        run_stage(stage, root=root)
-    return root
-
-
 @pytest.fixture
 def client(compared: Path) -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri(load_config(compared / "params.yaml"), compared))
@@ -147,6 +133,27 @@ def test_disabled_comparison_trains_nothing(tmp_path: Path, compared: Path):
     assert json.loads(paths.comparison.read_text()) == {"enabled": False, "reason": "compare.single_task is false"}
 
 
+def test_negative_transfer_names_the_suggested_grouping(compared: Path, client: MlflowClient):
+    """The grouping is the one task_grouping proposes from the train stage's mean task-gradient cosines,
+    in comparison.json and as a tag of the model's run; the all-in-one row of the solutions table is
+    the trained model itself."""
+    from mtl_core.evaluation.task_grouping import format_groups, mean_gradient_cosine, propose_grouping
+
+    paths = ProjectPaths(compared)
+    comparison = json.loads(paths.comparison.read_text())
+    assert comparison["negative_transfer"], "precondition: the tiny project has negative transfer"
+    tasks, affinity = mean_gradient_cosine(paths.gradient_cosine)
+    expected = propose_grouping(affinity, tasks)
+    assert comparison["suggested_task_groups"]["groups"] == expected.groups
+    assert comparison["suggested_task_groups"]["score"] == pytest.approx(expected.score)
+    run = client.get_run(read_run_info(paths)["run_id"])
+    assert run.data.tags["mtl.suggested_task_groups"] == format_groups(expected.groups)
+    solutions = comparison["solutions"]
+    assert list(solutions) == ["all_in_one", "single_task"]
+    assert solutions["all_in_one"]["delta_m_pct"] == pytest.approx(comparison["delta_m_pct"]["accuracy"])
+    assert solutions["all_in_one"]["parameters"] == json.loads(paths.train_metrics.read_text())["parameters"]
+
+
 def test_another_weighting_is_compared_with_the_same_baselines(compared: Path, client: MlflowClient):
     """Runs last (it retrains the module's multi-task model): FAMO through train, evaluate and compare;
     the baselines' file is what compare reads, unchanged."""
@@ -171,3 +178,4 @@ def test_another_weighting_is_compared_with_the_same_baselines(compared: Path, c
     expected = sum((mtl[t]["accuracy"] - stl[t]["accuracy"]) / stl[t]["accuracy"] * 100 for t in TASKS) / len(TASKS)
     assert comparison["delta_m_pct"]["accuracy"] == pytest.approx(expected)
     assert run.data.metrics["compare/delta_m_pct/accuracy"] == pytest.approx(expected)
+

@@ -48,6 +48,24 @@ def test_tracker_leaves_an_unlabelled_task_out_of_the_average():
     assert np.isnan(tracker.epoch_average()[0, 2])
 
 
+def test_tracker_effective_learning_rate_and_alignment_by_hand():
+    """An SGD step of size 0.1 along task a's gradient: a sees exactly lr 0.1 and alignment 1; task b
+    (gradient (1, 1)) sees -d.g_b/|g_b|^2 = 0.3/2 and cos = 0.3/(0.3*sqrt(2)); c is unlabelled (NaN)."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    tracker = GradientCosineTracker(["a", "b", "c"], every=1)
+    losses = {"a": w @ torch.tensor([3.0, 0.0]), "b": w @ torch.tensor([1.0, 1.0]), "c": w.sum() * 0.0}
+    tracker.measure(losses, [w], labelled=torch.tensor([True, True, False]))
+    with torch.no_grad():
+        w -= 0.1 * torch.tensor([3.0, 0.0])
+    tracker.after_step([w])
+    tracker.after_step([w])  # nothing pending: no second record
+    stats = tracker.epoch_task_stats()
+    assert stats["a"] == pytest.approx({"grad_norm": 3.0, "effective_lr": 0.1, "step_alignment": 1.0})
+    assert stats["b"] == pytest.approx({"grad_norm": np.sqrt(2), "effective_lr": 0.15, "step_alignment": 1 / np.sqrt(2)})
+    assert all(np.isnan(v) for v in stats["c"].values())
+    assert all(np.isnan(v) for v in tracker.epoch_task_stats()["a"].values())  # reset after the epoch
+
+
 def test_error_correlation_by_hand():
     targets = np.array([[0, 0], [0, 0], [1, 1], [1, -1], [0, 1]])
     # task a wrong on samples 0 and 2; task b wrong on 0, 2 and 4; sample 3 has no b label

@@ -41,6 +41,26 @@ def compare_tasks(
     return {"primary_metric": primary, "tasks": tasks, "delta_m_pct": delta_m, "negative_transfer": negative}
 
 
+def flat_metrics(mtl: dict[str, Any], metric: str, table: dict[str, Any] | None = None) -> dict[str, float]:
+    """One flat level of numbers, the columns of `dvc exp show`: the multi-task model's `metric` on the
+    test split, mean over tasks (`mean_mtl_<metric>`) and per task (`<task>_mtl_<metric>`); with the
+    comparison `table`, also `delta_m` (Δm in % on `metric`, the primary one), `delta_m_<other metric>`,
+    `negative_transfer_tasks` (how many) and each single-task baseline's `<task>_stl_<metric>`.
+
+    `mtl` is the evaluate stage's report: `{"tasks": {task: {metric: value}}, "mean": {metric: value}}`."""
+    flat: dict[str, float] = {}
+    if table is not None:
+        flat["delta_m"] = table["delta_m_pct"][metric]
+        flat.update({f"delta_m_{m}": v for m, v in table["delta_m_pct"].items() if m != metric})
+        flat["negative_transfer_tasks"] = len(table["negative_transfer"])
+    flat[f"mean_mtl_{metric}"] = mtl["mean"][metric]
+    for t, v in mtl["tasks"].items():
+        flat[f"{t}_mtl_{metric}"] = v[metric]
+        if table is not None and t in table["tasks"]:
+            flat[f"{t}_stl_{metric}"] = table["tasks"][t][metric]["stl"]
+    return flat
+
+
 def comparison_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
     """Flat rows (one per task) for a Markdown / MLflow table."""
     m = table["primary_metric"]

@@ -12,6 +12,7 @@ import inspect
 
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +55,13 @@ class MultiTaskModel(nn.Module):
         private = {id(p) for t in self.task_names for p in self.task_parameters(t)}
         return [p for p in self.parameters() if id(p) not in private]
 
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The backbone network's parameters (what `model.pretrained` initialises), which get
+        `train.backbone_lr_scale` x the learning rate and are frozen for `train.freeze_backbone_epochs`:
+        by default the shared parameters (hard sharing: exactly the backbone). Overridden where the
+        split differs: MMoE's experts are shared but new, cross-stitch's backbones are per task."""
+        return self.shared_parameters()
+
     def last_shared_layer(self) -> list[nn.Parameter] | None:
         """The weight of the last layer every task's output goes through (GradNorm's W): by default the
         last trainable shared parameter with >= 2 dims, in registration (= forward) order. None where
@@ -79,9 +87,12 @@ def register_architecture(name: str) -> Callable[[type[MultiTaskModel]], type[Mu
 class HardSharing(MultiTaskModel):
     """Hard parameter sharing (Caruana 1997): one backbone, one linear head per task."""
 
-    def __init__(self, num_classes: dict[str, int], backbone: str = "resnet18", pretrained: bool = False) -> None:
+    def __init__(
+        self, num_classes: dict[str, int], backbone: str = "resnet18", pretrained: bool | str | Path = False,
+        stem: str = "imagenet",
+    ) -> None:  # fmt: skip
         super().__init__(num_classes)
-        self.backbone, dim = build_backbone(backbone, pretrained)
+        self.backbone, dim = build_backbone(backbone, pretrained, stem)
         self.heads = nn.ModuleDict({t: nn.Linear(dim, n) for t, n in num_classes.items()})
 
     def encode(self, x: Tensor) -> Tensor:
@@ -119,14 +130,15 @@ class MultiGateMixtureOfExperts(MultiTaskModel):
         self,
         num_classes: dict[str, int],
         backbone: str = "resnet18",
-        pretrained: bool = False,
+        pretrained: bool | str | Path = False,
         num_experts: int = 4,
         expert_dim: int | None = None,
+        stem: str = "imagenet",
     ) -> None:
         super().__init__(num_classes)
         if num_experts < 1:
             raise ValueError(f"mmoe needs at least one expert, got num_experts={num_experts}")
-        self.backbone, dim = build_backbone(backbone, pretrained)
+        self.backbone, dim = build_backbone(backbone, pretrained, stem)
         self.feature_dim = dim
         self.num_experts = num_experts
         self.expert_dim = expert_dim or max(dim // 2, 1)
@@ -160,6 +172,10 @@ class MultiGateMixtureOfExperts(MultiTaskModel):
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield from self.gates[task].parameters()
         yield from self.heads[task].parameters()
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The backbone alone: the experts are shared, but newly initialised like the gates and heads."""
+        return list(self.backbone.parameters())
 
     def last_shared_layer(self) -> None:
         """None: the experts run side by side, so no one shared layer sees every task's gradient (the
@@ -223,9 +239,10 @@ class CrossStitch(MultiTaskModel):
         self,
         num_classes: dict[str, int],
         backbone: str = "resnet18",
-        pretrained: bool = False,
+        pretrained: bool | str | Path = False,
         alpha_same: float = 0.9,
         task_specific_branches: bool = True,
+        stem: str = "imagenet",
     ) -> None:
         super().__init__(num_classes)
         self.backbone_name = backbone
@@ -234,7 +251,7 @@ class CrossStitch(MultiTaskModel):
         self.pools = nn.ModuleDict()
         dims = set()
         for t in self.task_names:
-            net, dim = build_backbone(backbone, pretrained)
+            net, dim = build_backbone(backbone, pretrained, stem)
             stages, pool = split_stages(net, backbone)
             self.branches[t], self.pools[t] = stages, pool
             dims.add(dim)
@@ -246,6 +263,10 @@ class CrossStitch(MultiTaskModel):
     @property
     def exact_representation_gradients(self) -> bool:
         return not self.task_specific_branches
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Every task's backbone copy (branch + pool), task-specific or not; not the stitch units."""
+        return [p for t in self.task_names for m in (self.branches[t], self.pools[t]) for p in m.parameters()]
 
     def last_shared_layer(self) -> None:
         """None: with per-task branches the only shared parameters are the K x K stitches (the last
@@ -268,22 +289,34 @@ class CrossStitch(MultiTaskModel):
         yield from self.heads[task].parameters()
 
 
+BACKBONE_ARGUMENTS = ("backbone", "pretrained", "stem")
+"""How every architecture's constructor is told its backbone (see backbones.build_backbone); the
+other keyword arguments are its `model.arch_options`."""
+
+
 def build_model(
-    arch: str, num_classes: dict[str, int], backbone: str, pretrained: bool = False, options: dict | None = None
+    arch: str,
+    num_classes: dict[str, int],
+    backbone: str,
+    pretrained: bool | str | Path = False,
+    options: dict | None = None,
+    stem: str = "imagenet",
 ) -> MultiTaskModel:
-    """The architecture `arch` on `backbone`; `options` (params' `model.arch_options`) are its keyword
-    arguments, e.g. `num_experts` for mmoe; an unknown one fails naming the ones `arch` takes."""
+    """The architecture `arch` on `backbone` (with `pretrained` weights and `stem`, as build_backbone
+    takes them); `options` (params' `model.arch_options`) are its keyword arguments, e.g. `num_experts`
+    for mmoe; an unknown one fails naming the ones `arch` takes."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model.arch {arch!r}; available: {', '.join(sorted(ARCHITECTURES))}")
     cls = ARCHITECTURES[arch]
     options = dict(options or {})
-    allowed = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "num_classes", "backbone", "pretrained")]
+    skip = ("self", "num_classes", *BACKBONE_ARGUMENTS)
+    allowed = [n for n in inspect.signature(cls.__init__).parameters if n not in skip]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(
             f"unknown model.arch_options {unknown} for arch {arch!r}; allowed: {', '.join(allowed) or 'none'}"
         )
-    return cls(num_classes, backbone=backbone, pretrained=pretrained, **options)
+    return cls(num_classes, backbone=backbone, pretrained=pretrained, stem=stem, **options)
 
 
 @torch.no_grad()

@@ -27,6 +27,20 @@ def read_spec(path: Path) -> dict[str, Any]:
 def load_model(spec_path: Path, weights_path: Path, device: torch.device | str = "cpu") -> tuple[MultiTaskModel, dict[str, Any]]:
     spec = read_spec(spec_path)
     num_classes = {t: len(c) for t, c in spec["tasks"].items()}
-    model = build_model(spec["arch"], num_classes, spec["backbone"], pretrained=False, options=spec.get("arch_options"))
+    # the trained weights replace any pretrained ones; the stem changes the network (older specs,
+    # written before `model.stem` existed, were all trained with the ImageNet stem)
+    def network(classes: dict[str, int]) -> MultiTaskModel:
+        return build_model(
+            spec["arch"], classes, spec["backbone"], pretrained=False, options=spec.get("arch_options"),
+            stem=spec.get("stem", "imagenet"),
+        )  # fmt: skip
+
+    if spec.get("task_groups"):  # one network per group, used as one model
+        from mtl_core.models.grouped import TaskGroupedModel
+
+        members = [network({t: num_classes[t] for t in g}) for g in spec["task_groups"]]
+        model: MultiTaskModel = TaskGroupedModel(members, list(num_classes))
+    else:
+        model = network(num_classes)
     model.load_state_dict(load_file(str(weights_path), device="cpu"))
     return model.to(device).eval(), spec

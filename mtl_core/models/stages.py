@@ -7,7 +7,10 @@
 The stages reuse `net`'s own modules (no copies), so their parameters are exactly the backbone's.
 
 * torchvision ResNets: stem (conv1, bn1, relu, maxpool), layer1, layer2, layer3, layer4 (5 stages);
-  pool = avgpool + flatten (+ the stripped `fc`, an Identity).
+  pool = avgpool + flatten (+ the stripped `fc`, an Identity). With `model.stem: small` the stem is
+  the same modules (conv1 the 3x3 stride-1 conv, maxpool an Identity).
+* timm ResNets (`timm:resnet18`, `timm:resnet10t`, ...): the same five stages (act1 for relu);
+  pool = global_pool (average + flatten) + the stripped `fc`.
 * `small_cnn`: its four conv blocks (each ends with its MaxPool2d); pool = its global average pool
   + flatten.
 * MobileNetV3 / EfficientNet / ConvNeXt: the children of `features` cut into `num_groups` (default 4)
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mtl_core.models.backbones import SmallConvNet
+from mtl_core.models.backbones import SmallConvNet, is_instance_of
 
 
 def _groups(children: list[nn.Module], num_groups: int) -> list[nn.Module]:
@@ -49,6 +52,10 @@ def split_stages(net: nn.Module, name: str, num_groups: int = 4) -> tuple[nn.Mod
     if isinstance(net, SmallConvNet):
         stages, pool = _small_cnn(net)
         return nn.ModuleList(stages), pool
+    if is_instance_of(net, "timm.models.resnet.ResNet"):  # forward_features, then forward_head (drop_rate 0)
+        stem = nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)
+        pool = nn.Sequential(net.global_pool, net.fc)
+        return nn.ModuleList([stem, net.layer1, net.layer2, net.layer3, net.layer4]), pool
     from torchvision import models as tvm  # only for torchvision backbones (see backbones.Backbone)
 
     if isinstance(net, tvm.ResNet):
@@ -64,6 +71,6 @@ def split_stages(net: nn.Module, name: str, num_groups: int = 4) -> tuple[nn.Mod
     else:
         raise ValueError(
             f"cannot split backbone {name!r} ({type(net).__name__}) into stages for cross-stitch; "
-            "supported: torchvision ResNet, MobileNetV3, EfficientNet, ConvNeXt, and small_cnn"
+            "supported: torchvision ResNet, MobileNetV3, EfficientNet, ConvNeXt, timm ResNet, and small_cnn"
         )
     return nn.ModuleList(stages), pool

@@ -32,7 +32,7 @@ CHAMPION = "champion"
 SCORE_TAG = "mean_test_accuracy"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 # What the served model imports; pinned to the versions that trained it.
-SERVING_PACKAGES = ("torch", "torchvision", "safetensors", "albumentations", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "safetensors", "albumentations", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,15 @@ def fit_and_score(
     return per_task
 
 
+def training_cost(folder: Path) -> dict[str, float]:
+    """Training seconds and parameter count of a model fitted into `folder` (its train_metrics.json)."""
+    summary = json.loads((folder / "train_metrics.json").read_text())
+    return {"train_seconds": summary["train_seconds"], "parameters": summary["parameters"]}
+
+
 def single_task_config(cfg: PipelineConfig) -> PipelineConfig:
     """The plain single-task network of `cfg`: same backbone and budget, hard sharing, plain training."""
-    model = cfg.model.model_copy(update={"arch": "hard_sharing", "arch_options": {}})
+    model = cfg.model.model_copy(update={"arch": "hard_sharing", "arch_options": {}, "task_groups": None})
     train = cfg.train.model_copy(update={"weighting": "equal", "weighting_options": {}})
     return cfg.model_copy(update={"model": model, "train": train})
 
@@ -67,6 +73,7 @@ def run_baselines(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     single_cfg = single_task_config(cfg)
     results: dict[str, dict[str, float]] = {}
     runs: dict[str, str] = {}
+    cost = {"train_seconds": 0.0, "parameters": 0}
     for k, task in enumerate(tasks.names):
         with mlflow.start_run(experiment_id=exp_id, run_name=f"single-task {task}") as run:
             log_config_params(single_cfg)
@@ -78,7 +85,10 @@ def run_baselines(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
             results[task] = fit_and_score(single_cfg, paths, single, paths.single_task_dir / task, [k])[task]
             mlflow.log_metrics({f"test/{task}/{m}": v for m, v in results[task].items() if m != "support"})
             runs[task] = run.info.run_id
+        for key, value in training_cost(paths.single_task_dir / task).items():
+            cost[key] += value
         log.info("baseline %s: test accuracy %.3f", task, results[task]["accuracy"])
-    report = {"enabled": True, "tasks": results, "runs": runs}
+    report = {"enabled": True, "tasks": results, "runs": runs, "cost": cost}
     paths.single_task_metrics.write_text(json.dumps(report, indent=2) + "\n")
     return report
+

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,12 +25,13 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mtl_core.config import PipelineConfig
+from mtl_core.config import PipelineConfig, TrainConfig
 from mtl_core.evaluation.task_relations import GradientCosineTracker, plot_task_matrix
 from mtl_core.data.dataset import CachedMultiTaskDataset
 from mtl_core.inference import predict_loader
 from mtl_core.losses import TaskLoss
 from mtl_core.models import MultiTaskModel, build_model
+from mtl_core.models.backbones import resolve_stem
 from mtl_core.models.io import SPEC_FORMAT
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
@@ -37,6 +39,7 @@ from mtl_core.tracking import flatten, git_commit, ingested_data_hash, setup_mlf
 from mtl_core.training.device import autocast, select_device, seed_everything
 from mtl_core.transforms import eval_transform, train_transform
 from mtl_core.weighting import GradientBalancing, LossWeighting, StepContext, build_weighting
+from mtl_core.weighting.gradnorm import GradNorm
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +214,8 @@ def train_one_epoch(
             torch.nn.utils.clip_grad_norm_(shared, cfg.train.grad_clip)
         optimizer.step()
         scheduler.step()
+        if tracker is not None:
+            tracker.after_step(shared)
         if weighting.needs_losses_after_step:  # FAMO: the same batch's losses under the updated weights
             with torch.no_grad(), autocast(device, cfg.train.amp):
                 weighting.after_step(loss_fn(model(x), y, w))
@@ -231,17 +236,27 @@ def _metrics(prefix: str, per_task: dict[str, dict[str, float]]) -> dict[str, fl
     return out
 
 
-def write_model_spec(path: Path, cfg: PipelineConfig, tasks: TaskSpec) -> None:
+def write_model_spec(
+    path: Path, cfg: PipelineConfig, tasks: TaskSpec, stem: str | None = None, task_groups: list[list[str]] | None = None
+) -> None:
+    """How to rebuild the trained network (models.io.load_model). `stem`: the resolved `model.stem`
+    the model was built with (None: resolved here), never `auto`, whose meaning may change.
+    `pretrained` is provenance only: loading uses the trained weights. `task_groups`: the model is
+    one network per group (models.grouped.TaskGroupedModel), each built as the spec says."""
     spec = {
         "format": SPEC_FORMAT,
         "arch": cfg.model.arch,
         "arch_options": dict(cfg.model.arch_options),
         "backbone": cfg.model.backbone,
+        "stem": stem or resolve_stem(cfg.model.stem, cfg.preprocess.image_size, cfg.model.backbone),
+        "pretrained": cfg.model.pretrained,
         "tasks": tasks.classes,
         "image_size": cfg.preprocess.image_size,
         "mean": list(cfg.preprocess.mean),
         "std": list(cfg.preprocess.std),
     }
+    if task_groups:
+        spec["task_groups"] = [list(g) for g in task_groups]
     path.write_text(json.dumps(spec, indent=2) + "\n")
 
 
@@ -299,6 +314,51 @@ def log_config_params(cfg: PipelineConfig) -> None:
     mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
 
 
+def build_optimizer(model: MultiTaskModel, weighting: LossWeighting, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over three parameter groups, in this order: the model's new layers (heads, gates, experts,
+    stitches: lr), its backbone (`model.backbone_parameters()`: lr x backbone_lr_scale, so pretrained
+    features are fine-tuned gently) and the weighting method's own parameters (lr, no weight decay).
+    Group 0 keeps the base lr, which the training history logs as `lr`."""
+    backbone = model.backbone_parameters()
+    in_backbone = {id(p) for p in backbone}
+    groups = [
+        {"name": "model", "params": [p for p in model.parameters() if id(p) not in in_backbone], "lr": cfg.lr},
+        {"name": "backbone", "params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale},
+        {"name": "weighting", "params": list(weighting.parameters()), "lr": cfg.lr, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def freeze_backbone(model: MultiTaskModel, epoch: int, cfg: TrainConfig) -> bool:
+    """Freeze the backbone (requires_grad False) in epochs 1..freeze_backbone_epochs, unfreeze it after;
+    return whether it is frozen in `epoch`. Frozen parameters get no gradient, so AdamW leaves them
+    (and their weight decay) alone and the weighting methods skip them (weighting.gradients.trainable);
+    BatchNorm running statistics still follow the data (the model trains in train mode)."""
+    frozen = epoch <= cfg.freeze_backbone_epochs
+    params = model.backbone_parameters()
+    if any(p.requires_grad == frozen for p in params):
+        log.info("epoch %d: backbone %s", epoch, "frozen (new layers only)" if frozen else "trainable")
+    for p in params:
+        p.requires_grad_(not frozen)
+    return frozen
+
+
+def check_freezable(model: MultiTaskModel, weighting: LossWeighting, cfg: PipelineConfig) -> None:
+    """Fail before training where a frozen backbone leaves nothing shared to train (hard sharing) and
+    the weighting method needs gradients on shared parameters or on the representation (the gradient-
+    balancing methods, GradNorm): they would have nothing to balance."""
+    if cfg.train.freeze_backbone_epochs == 0 or not isinstance(weighting, GradientBalancing | GradNorm):
+        return
+    in_backbone = {id(p) for p in model.backbone_parameters()}
+    if not any(id(p) not in in_backbone for p in model.shared_parameters()):
+        raise ValueError(
+            f"train.freeze_backbone_epochs: {cfg.train.freeze_backbone_epochs} leaves model.arch {cfg.model.arch!r} "
+            f"nothing shared to train, and train.weighting {cfg.train.weighting!r} balances the gradients of "
+            "shared parameters; use a loss-weighting method (equal, fixed, uncertainty, dwa, rlw, famo) or "
+            "freeze_backbone_epochs: 0"
+        )
+
+
 def fit(
     cfg: PipelineConfig,
     paths: ProjectPaths,
@@ -311,28 +371,28 @@ def fit(
     generator = seed_everything(cfg.train.seed)
     device = select_device(cfg.train.device)
     loaders = make_loaders(cfg, paths, generator, device, label_columns)
+    stem = resolve_stem(cfg.model.stem, cfg.preprocess.image_size, cfg.model.backbone)
     model = build_model(
-        cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained, cfg.model.arch_options
-    ).to(device)
+        cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained_weights(paths.root),
+        cfg.model.arch_options, stem=stem,
+    ).to(device)  # fmt: skip
     weighting = build_weighting(cfg.train.weighting, tasks.names, dict(cfg.train.weighting_options)).to(device)
     if isinstance(weighting, GradientBalancing) and weighting.on == "representation" and not model.exact_representation_gradients:
         raise ValueError(
             f"train.weighting_options.on: representation gives wrong gradients with model.arch "
             f"{cfg.model.arch!r} (task-specific parameters inside the encoder); use on: params"
         )
+    check_freezable(model, weighting, cfg)
     train_labels = loaders["train"].dataset.labels.numpy()
     loss_fn = TaskLoss.from_config(cfg.train, tasks, train_labels).to(device)
     labelled_train = {t: int((train_labels[:, k] != MISSING_LABEL).sum()) for k, t in enumerate(tasks.names)}
-    optimizer = torch.optim.AdamW(
-        [{"params": model.parameters()}, {"params": list(weighting.parameters()), "weight_decay": 0.0}],
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-    )
+    optimizer = build_optimizer(model, weighting, cfg.train)
     steps_per_epoch = min(cfg.train.max_steps_per_epoch or len(loaders["train"]), len(loaders["train"]))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[cfg.train.lr, cfg.train.lr], total_steps=max(1, cfg.train.epochs * steps_per_epoch), pct_start=0.15
-    )
-    measure = files.gradient_cosine is not None and cfg.train.task_affinity_every > 0 and len(tasks.names) > 1
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],  # one peak per group: the backbone's scaled
+        total_steps=max(1, cfg.train.epochs * steps_per_epoch), pct_start=0.15,
+    )  # fmt: skip
+    measure = files.gradient_cosine is not None and cfg.train.task_affinity_every > 0
     tracker = GradientCosineTracker(tasks.names, cfg.train.task_affinity_every) if measure else None
     for f in (files.weights, files.history, files.summary):
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -348,9 +408,12 @@ def fit(
     best = (-math.inf, 0)
     total_images, total_seconds, global_step = 0, 0.0, 0
     for epoch in range(1, cfg.train.epochs + 1):
+        freeze_backbone(model, epoch, cfg.train)
+        # with nothing shared left trainable (hard sharing, frozen backbone) there is no shared gradient to measure
+        epoch_tracker = tracker if any(p.requires_grad for p in model.shared_parameters()) else None
         t0 = time.perf_counter()
         train_stats, mean_weights, images, steps = train_one_epoch(
-            model, loaders["train"], weighting, loss_fn, optimizer, scheduler, device, cfg, epoch, global_step, tracker
+            model, loaders["train"], weighting, loss_fn, optimizer, scheduler, device, cfg, epoch, global_step, epoch_tracker
         )
         seconds = time.perf_counter() - t0
         total_images, total_seconds, global_step = total_images + images, total_seconds + seconds, global_step + steps
@@ -360,6 +423,9 @@ def fit(
         row.update({f"weight/{t}": w for t, w in mean_weights.items()})
         row["train/images_per_second"] = images / seconds
         row["lr"] = scheduler.get_last_lr()[0]
+        if tracker is not None:  # per task: |g_t|, effective learning rate, step alignment
+            for t, task_stats in tracker.epoch_task_stats().items():
+                row.update({f"grad/{t}/{name}": v for name, v in task_stats.items()})
         history.append(row)
         mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
         if tracker is not None and (matrix := tracker.epoch_average()) is not None:
@@ -392,12 +458,13 @@ def fit(
         "best_val_mean_accuracy": best[0],
         "images_per_second": throughput,
         "train_seconds": total_seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
         "val": {t: history[best[1] - 1][f"val/{t}/accuracy"] for t in tasks.names},
     }
     files.summary.write_text(json.dumps(summary, indent=2) + "\n")
     mlflow.log_metrics({"train/throughput_images_per_second": throughput, "val/best/mean_accuracy": best[0]})
-    write_model_spec(files.spec, cfg, tasks)
+    write_model_spec(files.spec, cfg, tasks, stem)
     mlflow.log_artifact(str(files.spec), artifact_path="model_spec")
     return TrainResult(mlflow.active_run().info.run_id, best[1], best[0], throughput)
 
@@ -418,15 +485,25 @@ def _write_gradient_cosine(out: Path, tasks: list[str], per_epoch: dict[int, lis
 
 def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
     """Stage `train`: the multi-task model, in a new MLflow run that later stages reopen."""
+    from mtl_core.tracking import experiment_tags, run_name
+
     paths = ProjectPaths(root)
     tasks = TaskSpec.load(paths.tasks_file)
     paths.models_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(paths.models_dir / "groups", ignore_errors=True)  # a previous grouped solution's members
+    if cfg.model.task_groups:
+        from mtl_core.models.grouped import validate_groups
+
+        validate_groups(cfg.model.task_groups, tasks.names)  # before any run is opened
     exp_id = setup_mlflow(cfg, root)
     manifest = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)
-    with mlflow.start_run(experiment_id=exp_id) as run:
+    # named and tagged by its method, so that the runs of a sweep (`dvc exp run --queue -S
+    # train.weighting=equal,famo`) line up in the MLflow UI's compare view
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name(cfg)) as run:
         write_run_info(paths, run.info.run_id, exp_id)
         log_config_params(cfg)
         tags = {"mtl.stage": "train", "mtl.kind": "multi_task", "mtl.device": str(select_device(cfg.train.device))}
+        tags.update(experiment_tags(cfg))
         tags.update(ingested_data_hash(root))
         if commit := git_commit(root):
             tags["git_commit"] = commit
@@ -438,4 +515,8 @@ def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
         mlflow.log_artifact(str(paths.data_report), artifact_path="data")
         if (root / "params.yaml").is_file():
             mlflow.log_artifact(str(root / "params.yaml"))
+        if cfg.model.task_groups:
+            from mtl_core.training.groups import fit_groups  # it builds on this module
+
+            return fit_groups(cfg, paths, tasks, cfg.model.task_groups)
         return fit(cfg, paths, tasks, ModelFiles.multitask(paths))

@@ -1,0 +1,67 @@
+"""Stage `all_in_one`: the all-in-one reference model of a grouped solution.
+
+With `model.task_groups` set, the train stage's model is one network per group; the compare stage then
+also needs the all-in-one network (every task in one model, the same `model.arch`, weighting and
+budget) to say whether the grouping paid for itself. This stage trains it into `models_all_in_one/`
+(MLflow tag `mtl.kind=all_in_one_reference`) and scores it on the test split. Without task groups,
+or without single-task baselines to compare with, it trains nothing and says so, before importing
+torch or MLflow (a stage process that does nothing should cost little).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mtl_core.config import PipelineConfig
+from mtl_core.paths import ProjectPaths
+
+log = logging.getLogger(__name__)
+
+
+def disabled_reason(cfg: PipelineConfig) -> str | None:
+    if not cfg.model.task_groups:
+        return "model.task_groups is not set: the train stage's model is the all-in-one model"
+    if not cfg.compare.single_task:
+        return "compare.single_task is false: no comparison to make"
+    return None
+
+
+def run_all_in_one(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
+    paths = ProjectPaths(root)
+    folder, out = paths.all_in_one_dir, paths.all_in_one_metrics
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    paths.reports_dir.mkdir(parents=True, exist_ok=True)
+    if (reason := disabled_reason(cfg)) is not None:
+        report: dict[str, Any] = {"enabled": False, "reason": reason}
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        log.info("all_in_one: %s; nothing trained", reason)
+        return report
+
+    import mlflow
+
+    from mtl_core.tasks import TaskSpec
+    from mtl_core.tracking import git_commit, ingested_data_hash, setup_mlflow
+    from mtl_core.training.baselines import fit_and_score, training_cost
+    from mtl_core.training.train import log_config_params
+
+    tasks = TaskSpec.load(paths.tasks_file)
+    exp_id = setup_mlflow(cfg, root)
+    all_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"task_groups": None})})
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"all-in-one reference · {cfg.train.weighting}") as run:
+        log_config_params(all_cfg)
+        tags = {"mtl.kind": "all_in_one_reference", **ingested_data_hash(root)}
+        if commit := git_commit(root):
+            tags["git_commit"] = commit
+        mlflow.set_tags(tags)
+        results = fit_and_score(all_cfg, paths, tasks, folder)
+        mlflow.log_metrics({f"test/{t}/{m}": v for t, ms in results.items() for m, v in ms.items() if m != "support"})
+    report = {"enabled": True, "tasks": results, "run": run.info.run_id, "cost": training_cost(folder)}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log.info("all_in_one: test accuracy %s", ", ".join(f"{t} {m['accuracy']:.3f}" for t, m in results.items()))
+    return report
