@@ -59,8 +59,9 @@ def prepare(workdir: Path, params: dict) -> None:
     marker.write_text(data_key)
 
 
-def train_and_score(workdir: Path, label: str, single: str | None) -> dict:
-    """One model (all tasks, or `single` alone): its per-epoch history and test accuracy."""
+def train_and_score(workdir: Path, label: str, single: str | None, subset: list[str] | None = None) -> dict:
+    """One model (all tasks, `single` alone as the single-task baseline, or the multi-task model of
+    the tasks in `subset`): its per-epoch history and test accuracy."""
     import mlflow
     import pandas as pd
 
@@ -81,6 +82,9 @@ def train_and_score(workdir: Path, label: str, single: str | None) -> dict:
         cfg = single_task_config(cfg)
         columns = [tasks.names.index(single)]
         tasks = TaskSpec({single: tasks.classes[single]})
+    elif subset:
+        columns = [tasks.names.index(t) for t in subset]
+        tasks = TaskSpec({t: tasks.classes[t] for t in subset})
     folder = workdir / "runs" / label
     base = ModelFiles.in_folder(folder)
     files = ModelFiles(**{**base.__dict__, "gradient_cosine": folder / "gradient_cosine.json"})
@@ -104,6 +108,8 @@ def train_and_score(workdir: Path, label: str, single: str | None) -> dict:
 def table(results: list[dict], focus: str) -> str:
     """Per epoch: the focus task's val accuracy and gradient statistics in every model that has it."""
     models = [r for r in results if focus in r["tasks"]]
+    if not models:
+        return f"(no model trained {focus})\n"
     cols = ["epoch"]
     for r in models:
         cols += [f"{r['label']} val acc", f"{r['label']} |g|", f"{r['label']} eff. lr", f"{r['label']} align"]
@@ -131,6 +137,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--single", nargs="*", default=["shape"], help="tasks to train alone too (default: shape)")
+    parser.add_argument("--together", action="append", default=[], metavar="T1,T2",
+                        help="also train a multi-task model of these tasks only (a group of a grouping)")
+    parser.add_argument("--skip-all", action="store_true", help="do not train the all-task model")
     parser.add_argument("--focus", default="shape")
     parser.add_argument("--every", type=int, default=25, help="measure the task gradients every N steps")
     parser.add_argument("--tag", default="default")
@@ -145,8 +154,9 @@ def main() -> None:
         workdir = (args.workdir or Path(tmp) / "project").resolve()
         prepare(workdir, params)
         start = time.perf_counter()
-        results = [train_and_score(workdir, f"{args.tag}/multi-task", None)]
+        results = [] if args.skip_all else [train_and_score(workdir, f"{args.tag}/multi-task", None)]
         results += [train_and_score(workdir, f"{args.tag}/{t} alone", t) for t in args.single]
+        results += [train_and_score(workdir, f"{args.tag}/{g}", None, g.split(",")) for g in args.together]
     header = (
         f"bench/transfer.py, params.yaml with {args.overrides or 'no overrides'}; "
         f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s"

@@ -47,7 +47,7 @@ def test_every_stage_output_exists(repro: Path):
     ]:  # fmt: skip
         assert (repro / rel).is_file(), rel
     lock = yaml.safe_load((repro / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "preprocess", "train", "evaluate", "register", "baselines", "compare"}
+    assert set(lock["stages"]) == {"ingest", "preprocess", "train", "evaluate", "register", "baselines", "all_in_one", "compare"}
 
 
 def test_repro_again_is_up_to_date(repro: Path):
