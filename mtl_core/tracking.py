@@ -7,6 +7,16 @@ the later stages still log into the run of the model they actually handle.
 A DVC experiment queued with `dvc exp run --queue` runs its stages in a temporary copy of the project
 (`.dvc/tmp/exps/...`); its runs go into the store of the project it came from (`$DVC_ROOT`), not into a
 store inside that copy, which DVC deletes afterwards.
+
+Several processes may share one SQLite store (two pipelines started at once, a DVC queue with several
+workers, clones pointing `mlflow.tracking_uri` at one file). MLflow creates and migrates a fresh SQLite
+store in whichever process touches it first, without a lock between processes, and two processes doing it
+at once break the store (`table _alembic_tmp_experiments already exists`). `setup_mlflow` therefore opens a
+SQLite store, and looks up or creates the experiment, under a file lock next to the database
+(`mlflow.db.lock`). After that, concurrent writes are left to SQLite: MLflow sets `PRAGMA busy_timeout =
+20000` on each of its sessions, so a writer waits up to 20 s for another one instead of failing with
+"database is locked". Several machines (or clones that should not write artifacts into one another's
+folders) need an MLflow server instead, see README "Several pipelines, one store".
 """
 
 from __future__ import annotations
@@ -20,14 +30,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import filelock
 import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from mtl_core.config import PipelineConfig
 from mtl_core.paths import ProjectPaths
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+# How long a process waits for another one to create / migrate a SQLite store (a fresh store takes a few
+# seconds, a migration of a large one can take minutes).
+STORE_LOCK_TIMEOUT_S = 600.0
 
 
 def store_root(root: Path) -> Path:
@@ -65,8 +81,78 @@ def run_name(cfg: PipelineConfig) -> str:
     return f"{cfg.train.weighting} · {cfg.model.arch} · {cfg.model.backbone}"
 
 
+def sqlite_db_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:` tracking URI (absolute); None for other stores and in-memory SQLite."""
+    if not uri.startswith("sqlite:///"):  # `sqlite://` is an in-memory database
+        return None
+    database = uri.removeprefix("sqlite:///").split("?", 1)[0]  # `sqlite:////abs/db`, `sqlite:///rel/db`
+    if not database or database == ":memory:":
+        return None
+    return Path(database).absolute()
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold `<db>.lock`, the inter-process lock of a SQLite store, for the body; a no-op for other stores."""
+    db = sqlite_db_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise RuntimeError(
+            f"{lock.lock_file}: another process has been initialising the MLflow store {db} for more than "
+            f"{STORE_LOCK_TIMEOUT_S:.0f} s. If no such process is running, the lock is stale (a network file "
+            "system?); for pipelines on several machines use an MLflow server (README: Several pipelines, "
+            "one store) instead of one SQLite file."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: for a SQLite store, `mlartifacts/` next to the database
+    (the project's own store: inside the project; a store shared by several clones: beside the shared file,
+    not in whichever clone created the experiment); for a server, None, i.e. the server's artifact root
+    (with `mlflow server --artifacts-destination`, its artifact proxy)."""
+    db = sqlite_db_path(uri)
+    return (db.parent / DEFAULT_ARTIFACTS).as_uri() if db is not None else None
+
+
+def _initialise_store(uri: str) -> None:
+    """Make MLflow create / migrate the tables of the store now (it does so lazily, on the first use of its
+    tracking store and, separately, of its registry store, both in the same SQLite file)."""
+    client = MlflowClient(tracking_uri=uri)
+    client.search_experiments(max_results=1)
+    if mlflow.get_registry_uri() == uri:
+        client.search_registered_models(max_results=1)
+
+
+def _experiment_id(name: str, location: str | None) -> str:
+    """The id of experiment `name`, created when missing. Another process may create it between our look-up
+    and our create (a server store, where no lock of ours applies): then read it again."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := mlflow.get_experiment_by_name(name)) is None:
+            raise
+        return exp.experiment_id
+
+
 def setup_mlflow(cfg: PipelineConfig, root: Path) -> str:
-    """Point MLflow at the store and experiment; return the experiment id."""
+    """Point MLflow at the store and experiment; return the experiment id.
+
+    A SQLite store is created or migrated, and the experiment looked up or created, under the store's file
+    lock, so several processes can start on one fresh store at the same moment.
+    """
     uri = tracking_uri(cfg, root)
     user_setting = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -76,13 +162,10 @@ def setup_mlflow(cfg: PipelineConfig, root: Path) -> str:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_setting
-    exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp is not None:
-        mlflow.set_experiment(experiment_id=exp.experiment_id)
-        return exp.experiment_id
-    # A local store keeps artifacts inside the project too, not in whatever folder we happen to run from.
-    location = (store_root(root) / DEFAULT_ARTIFACTS).as_uri() if uri.startswith("sqlite:") else None
-    exp_id = mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+    with store_lock(uri):
+        if sqlite_db_path(uri) is not None:
+            _initialise_store(uri)
+        exp_id = _experiment_id(cfg.mlflow.experiment, artifact_location(uri))
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -106,6 +189,15 @@ def git_commit(root: Path) -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content, read in 1 MiB blocks (model weights, data caches)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def ingested_data_hash(root: Path) -> dict[str, str]:
