@@ -2,17 +2,32 @@
 
 params.yaml is the single source of every knob. It is validated once, at load, into frozen pydantic
 models: an unknown or mistyped key fails here, with the key's dotted name and the allowed keys, rather
-than deep inside a stage.
+than deep inside a stage. So do an unknown `model.arch`, `model.backbone` or `train.weighting`, an
+option they do not take (the allowed ones listed), a boolean for an integer and inf / nan for a number.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from mtl_core import config_names
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -25,19 +40,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _no_booleans(kind: str) -> BeforeValidator:
+    def check(v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"must be {kind}, not a boolean")
+        return v
+
+    return BeforeValidator(check)
+
+
+Int = Annotated[int, Strict(), _no_booleans("an integer")]
+"""An integer field: a YAML int only (`epochs: true` is a boolean, which pydantic would take as 1;
+a float or a string is refused too)."""
+Float = Annotated[float, AllowInfNan(False), _no_booleans("a number")]
+"""A float field: a finite YAML number, int included (`lr: 1`); never .inf, .nan or a boolean."""
+
+
 class BuiltinDataConfig(_Strict):
     """The built-in synthetic shapes dataset (generated from a seed, never downloaded)."""
 
-    num_images: int = Field(6000, ge=20)
-    image_size: int = Field(64, ge=32, le=512)
-    seed: int = Field(0, ge=0)
+    num_images: Int = Field(6000, ge=20)
+    image_size: Int = Field(64, ge=32, le=512)
+    seed: Int = Field(0, ge=0)
 
 
 class SplitConfig(_Strict):
-    train: float = Field(0.7, gt=0, lt=1)
-    val: float = Field(0.15, ge=0, lt=1)
-    test: float = Field(0.15, gt=0, lt=1)
-    seed: int = 42
+    train: Float = Field(0.7, gt=0, lt=1)
+    val: Float = Field(0.15, ge=0, lt=1)
+    test: Float = Field(0.15, gt=0, lt=1)
+    seed: Int = 42
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -55,7 +86,7 @@ class DataConfig(_Strict):
     )
     builtin: BuiltinDataConfig = BuiltinDataConfig()
     split: SplitConfig = SplitConfig()
-    max_rejected_fraction: float = Field(0.05, ge=0, le=1)
+    max_rejected_fraction: Float = Field(0.05, ge=0, le=1)
     missing_labels: Literal["reject", "allow"] = Field(
         "reject",
         description="A row with an empty label cell: 'reject' it, or 'allow' it (the empty task adds no loss "
@@ -110,9 +141,9 @@ class AugmentStep(BaseModel):
 
 
 class PreprocessConfig(_Strict):
-    image_size: int = Field(64, ge=16, le=1024)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_size: Int = Field(64, ge=16, le=1024)
+    mean: tuple[Float, Float, Float] = (0.485, 0.456, 0.406)
+    std: tuple[Float, Float, Float] = (0.229, 0.224, 0.225)
     augment: list[AugmentStep] = Field(default_factory=list)
 
 
@@ -143,6 +174,28 @@ class ModelConfig(_Strict):
 
     WEIGHT_SUFFIXES: ClassVar[tuple[str, ...]] = (".safetensors", ".pth", ".pt")
     """Suffixes of a `pretrained` weights file (backbones.WEIGHT_READERS reads them)."""
+
+    # arch, arch_options and backbone are checked against the registries at load (mtl_core/config_names.py),
+    # so that a typo fails before ingest and preprocess, not at train.
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return config_names.check_arch(v)
+
+    @field_validator("arch_options")
+    @classmethod
+    def _known_arch_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """The keyword arguments of the architecture's constructor, as build_model takes them."""
+        if "arch" not in info.data:  # the arch itself is invalid (reported on its own)
+            return v
+        return config_names.check_arch_options(info.data["arch"], v)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        """Resolved as build_backbone resolves it (nothing is built or downloaded)."""
+        return config_names.check_backbone(v)
 
     @field_validator("pretrained")
     @classmethod
@@ -181,41 +234,68 @@ ClassWeights = dict[str, dict[str, float]]
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    epochs: Int = Field(5, ge=1)
+    batch_size: Int = Field(128, ge=1)
+    lr: Float = Field(2e-3, gt=0)
+    weight_decay: Float = Field(1e-4, ge=0)
     weighting: str = "equal"
     weighting_options: dict[str, Any] = Field(default_factory=dict)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     amp: bool = True
-    num_workers: int = Field(2, ge=0)
-    seed: int = 0
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    num_workers: Int = Field(2, ge=0)
+    seed: Int = 0
+    max_steps_per_epoch: Int | None = Field(None, ge=1)
     class_weights: Literal["none", "inverse_frequency"] | ClassWeights = Field(
         "none",
         description="Per-task class weights of the cross-entropy: 'none', 'inverse_frequency' (N / (C * n_c) "
         "from the training labels) or {task: {class: weight}} (unlisted classes weigh 1.0).",
     )
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    grad_clip: Float | None = Field(
         None, gt=0, allow_inf_nan=False,
         description="Max L2 norm of the shared parameters' gradient, applied after the weighting method's "
         "backward (clip_grad_norm_); null: no clipping. Nash-MTL's reference code uses 1.0.",
     )  # fmt: skip
-    task_affinity_every: int = Field(
+    task_affinity_every: Int = Field(
         25, ge=0, description="Measure task-gradient cosine similarity every N steps (K extra backward passes); 0: off."
     )
-    backbone_lr_scale: float = Field(
+    backbone_lr_scale: Float = Field(
         1.0, gt=0, allow_inf_nan=False,
         description="The backbone's learning rate is lr x this (heads and other new layers: lr); below 1 "
         "fine-tunes pretrained weights gently, e.g. 0.1.",
     )  # fmt: skip
-    freeze_backbone_epochs: int = Field(
+    freeze_backbone_epochs: Int = Field(
         0, ge=0,
         description="Train only the heads (and other new layers) for the first N epochs, then the whole "
         "network; N >= epochs never trains the backbone (a linear probe).",
     )  # fmt: skip
+
+    checkpoint_every_steps: Int = Field(
+        0, ge=0,
+        description="Also checkpoint every N optimizer steps within an epoch (a checkpoint is written at the "
+        "end of every epoch anyway); 0: epoch ends only. A kill loses at most the work since the last one.",
+    )  # fmt: skip
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A NaN or infinite task loss or gradient: 'stop' training with an error naming the epoch, "
+        "step and task; 'skip' the batch (no optimizer step) and count it, up to max_skipped_steps.",
+    )
+    max_skipped_steps: Int = Field(
+        10, ge=0, description="With on_nonfinite: skip, stop once more than this many batches were skipped."
+    )
+
+    @field_validator("weighting")
+    @classmethod
+    def _known_weighting(cls, v: str) -> str:
+        return config_names.check_weighting(v)
+
+    @field_validator("weighting_options")
+    @classmethod
+    def _known_weighting_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Option names only (their values are checked when the method is built, at train)."""
+        if "weighting" not in info.data:  # the method itself is invalid (reported on its own)
+            return v
+        return config_names.check_weighting_options(info.data["weighting"], v)
 
     @field_validator("class_weights", mode="before")
     @classmethod
@@ -250,6 +330,16 @@ class MlflowConfig(_Strict):
     )
 
 
+class RegisterConfig(_Strict):
+    """The champion gate of the register stage (mtl_core/registry/register.py)."""
+
+    min_mean_accuracy: Float = Field(
+        0.0, ge=0, le=1, allow_inf_nan=False,
+        description="A new version becomes champion only with a mean test accuracy above chance on every "
+        "task and at least this; below, it is registered but the alias stays.",
+    )  # fmt: skip
+
+
 class CompareConfig(_Strict):
     """Single-task baselines (one model per task, same backbone, budget and data) and the gain Δm."""
 
@@ -275,14 +365,19 @@ class ScheduleConfig(_Strict):
         return v
 
 
-class PipelineConfig(_Strict):
-    data: DataConfig = DataConfig()
-    preprocess: PreprocessConfig = PreprocessConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    mlflow: MlflowConfig = MlflowConfig()
-    compare: CompareConfig = CompareConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
+with warnings.catch_warnings():
+    # the section `register` (the stage's name) shadows ABCMeta.register, which nothing calls on a config
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+    class PipelineConfig(_Strict):
+        data: DataConfig = DataConfig()
+        preprocess: PreprocessConfig = PreprocessConfig()
+        model: ModelConfig = ModelConfig()
+        train: TrainConfig = TrainConfig()
+        mlflow: MlflowConfig = MlflowConfig()
+        register: RegisterConfig = RegisterConfig()
+        compare: CompareConfig = CompareConfig()
+        schedule: ScheduleConfig = ScheduleConfig()
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -312,7 +407,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  unknown key '{key}'; allowed keys here: {', '.join(allowed)}")
         else:
             got = e.get("input")
-            lines.append(f"  key '{key}': {e['msg']} (got {got!r})")
+            msg = e["msg"].removeprefix("Value error, ")  # a validator's own message reads as it is
+            lines.append(f"  key '{key}': {msg} (got {got!r})")
     return "\n".join(lines)
 
 

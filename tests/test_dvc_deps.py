@@ -4,7 +4,9 @@ it makes `dvc repro` rerun the stage instead of calling a stale cached result up
 The imports are read from the source (ast), directly and through other modules, function-level
 imports included; importing `a.b.c` also runs the packages `a` and `a.b`. The closure starts at the
 stage's function (mtl_core.pipeline.STAGES) and the dispatcher `mtl_core.pipeline`; the `mtl` CLI
-around it only parses arguments."""
+around it only parses arguments. It stops at `mtl_core.config_names`, which checks the registry names
+of params.yaml at load: it can refuse a configuration, never change what a stage computes (so editing
+a weighting method does not rerun ingest)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import yaml
 from mtl_core.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
+REFUSE_ONLY = {"mtl_core.config_names"}
 
 
 def module_file(name: str) -> Path | None:
@@ -52,10 +55,12 @@ def stage_closure(stage: str) -> set[Path]:
         if module in seen:
             continue
         seen.add(module)
+        if module in REFUSE_ONLY:
+            continue
         parts = module.split(".")
         todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages run first
         todo.extend(imported_modules(module_file(module), module))
-    return {module_file(m).relative_to(ROOT) for m in seen}
+    return {module_file(m).relative_to(ROOT) for m in seen - REFUSE_ONLY}
 
 
 def covered(file: Path, deps: list[str]) -> bool:

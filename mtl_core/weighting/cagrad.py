@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import Tensor
 
 from mtl_core.weighting.base import register_weighting
@@ -33,6 +32,8 @@ def cagrad_dual(gram: Tensor, c: float) -> np.ndarray:
 
     def objective(x: np.ndarray) -> float:
         return float(x @ a @ b + cc * np.sqrt(max(x @ a @ x, 0.0) + 1e-8))
+
+    from scipy.optimize import minimize  # here: scipy.optimize costs every stage process ~1 s at import
 
     res = minimize(
         objective,
