@@ -1,37 +1,128 @@
-"""Stage `register`: pyfunc model without pickles, registry versions, and the champion alias."""
+"""Stage `register`: pyfunc model without pickles, registry versions, the champion alias and its gate."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import sqlite3
+import subprocess
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file, save_file
 
-from mtl_core.config import load_config
+from mtl_core.config import PipelineConfig, load_config
 from mtl_core.paths import ProjectPaths
-from mtl_core.registry.register import CHAMPION, run_register
-from mtl_core.tracking import tracking_uri
+from mtl_core.pipeline import run_stage
+from mtl_core.registry.register import (
+    CHAMPION,
+    GATE_FAILURES_TAG,
+    GATE_REASON_TAG,
+    GATE_TAG,
+    SCORE_TAG,
+    run_register,
+)
+from mtl_core.tasks import MISSING_LABEL, TaskSpec
+from mtl_core.tracking import read_run_info, setup_mlflow, tracking_uri, write_run_info
+from tests.conftest import stage_env
+
+FAULT = "register.after_create_version"
 
 
-@pytest.fixture(scope="module")
-def project(trained_project: Path, tmp_path_factory: pytest.TempPathFactory):
-    # a copy, so that registering versions here leaves the shared project's registry alone
-    root = tmp_path_factory.mktemp("register") / "project"
-    shutil.copytree(trained_project, root)
-    cfg = load_config(root / "params.yaml")
-    mlflow.set_tracking_uri(tracking_uri(cfg, root))
-    return root, cfg, ProjectPaths(root)
+def _copy_project(src: Path, dest: Path) -> tuple[Path, PipelineConfig, ProjectPaths]:
+    """A copy of a project whose MLflow store keeps its artifacts in the copy: the store's experiment and
+    runs name the original folder's `mlartifacts/`, which registering (or re-evaluating) in the copy would
+    otherwise write into, under the shared project's run."""
+    shutil.copytree(src, dest)
+    old, new = src.resolve().as_uri() + "/", dest.resolve().as_uri() + "/"
+    db = sqlite3.connect(dest / "mlflow.db")
+    with db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+        db.execute("UPDATE logged_models SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+    db.close()
+    cfg = load_config(dest / "params.yaml")
+    mlflow.set_tracking_uri(tracking_uri(cfg, dest))
+    return dest, cfg, ProjectPaths(dest)
+
+
+def _majority(paths: ProjectPaths) -> dict[str, tuple[int, int]]:
+    """Per task: (test images of the most frequent test class, labelled test images)."""
+    labels = np.load(paths.labels_cache("test"))
+    out = {}
+    for k, task in enumerate(TaskSpec.load(paths.tasks_file).names):
+        y = labels[:, k][labels[:, k] != MISSING_LABEL]
+        out[task] = (int(np.bincount(y).max()), len(y))
+    return out
+
+
+def _above_chance_metrics(paths: ProjectPaths) -> None:
+    """On its 32 test images the tiny model is at or under the majority rate on the hard tasks (`shape`,
+    `position`): tests of the alias rule give every task at least one test image more than its majority
+    class (the mean recomputed), so that the gate lets the model through."""
+    metrics = json.loads(paths.test_metrics.read_text())
+    for task, (majority, n) in _majority(paths).items():
+        metrics["tasks"][task]["accuracy"] = max(metrics["tasks"][task]["accuracy"], (majority + 1) / n)
+    metrics["mean"]["accuracy"] = float(np.mean([v["accuracy"] for v in metrics["tasks"].values()]))
+    paths.test_metrics.write_text(json.dumps(metrics))
 
 
 def _set_mean_accuracy(paths: ProjectPaths, value: float) -> None:
     metrics = json.loads(paths.test_metrics.read_text())
     metrics["mean"]["accuracy"] = value
     paths.test_metrics.write_text(json.dumps(metrics))
+
+
+def _retrained(cfg: PipelineConfig, root: Path) -> str:
+    """What retraining leaves for register: the model in models/ with a run of its own (train opens one
+    MLflow run per trained model). Returns the new run's id."""
+    exp_id = setup_mlflow(cfg, root)
+    with mlflow.start_run(experiment_id=exp_id) as run:
+        pass
+    write_run_info(ProjectPaths(root), run.info.run_id, exp_id)
+    return run.info.run_id
+
+
+def _no_champion(client: MlflowClient, name: str) -> bool:
+    try:
+        client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return True
+    return False
+
+
+def _logged_models(client: MlflowClient, run_id: str) -> list:
+    run = client.get_run(run_id)
+    return mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+    )
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def project(trained_project: Path, tmp_path_factory: pytest.TempPathFactory):
+    # a copy, so that registering versions here leaves the shared project's registry alone
+    root, cfg, paths = _copy_project(trained_project, tmp_path_factory.mktemp("register") / "project")
+    _above_chance_metrics(paths)
+    return root, cfg, paths
+
+
+@pytest.fixture
+def fresh(trained_project: Path, tmp_path: Path):
+    """A copy of the trained project for one test, with the store of its own."""
+    return _copy_project(trained_project, tmp_path / "project")
 
 
 def test_register_then_champion_moves_only_on_improvement(project, monkeypatch: pytest.MonkeyPatch):
@@ -41,7 +132,9 @@ def test_register_then_champion_moves_only_on_improvement(project, monkeypatch: 
 
     first = run_register(cfg, root)
     assert (first.version, first.champion_moved, first.previous_champion_version) == ("1", True, None)
+    assert first.gate_failures == []
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    assert client.get_model_version(name, "1").tags[GATE_TAG] == "passed"
     assert json.loads(paths.registry_report.read_text())["champion_version"] == "1"
 
     # the registered model loads without unpickling anything and predicts every task
@@ -61,6 +154,7 @@ def test_register_then_champion_moves_only_on_improvement(project, monkeypatch: 
     big = np.repeat(np.repeat(images[:1], 2, axis=1), 2, axis=2)
     assert len(model.predict(big)) == 1
 
+    _retrained(cfg, root)
     _set_mean_accuracy(paths, first.mean_test_accuracy - 0.1)
     worse = run_register(cfg, root)
     assert (worse.version, worse.champion_moved, worse.champion_version) == ("2", False, "1")
@@ -69,25 +163,200 @@ def test_register_then_champion_moves_only_on_improvement(project, monkeypatch: 
     report = json.loads(paths.registry_report.read_text())
     assert report["champion_moved"] is False and report["version"] == "2"
 
+    _retrained(cfg, root)
     _set_mean_accuracy(paths, first.mean_test_accuracy + 0.1)
     better = run_register(cfg, root)
     assert (better.version, better.champion_moved, better.previous_champion_version) == ("3", True, "1")
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "3"
-    assert float(client.get_model_version(name, "3").tags["mean_test_accuracy"]) == first.mean_test_accuracy + 0.1
+    assert float(client.get_model_version(name, "3").tags[SCORE_TAG]) == first.mean_test_accuracy + 0.1
 
 
-def test_a_tie_does_not_move_the_champion(trained_project: Path, tmp_path: Path):
-    """The same score registered again (the same model retrained, or a rerun) leaves the alias on the
-    first version. The score is chosen so that rounding it to 6 digits would make it look lower."""
-    root = tmp_path / "project"
-    shutil.copytree(trained_project, root)
-    cfg = load_config(root / "params.yaml")
-    mlflow.set_tracking_uri(tracking_uri(cfg, root))
-    paths = ProjectPaths(root)
+def test_an_identical_model_registered_again_does_not_displace_the_champion(fresh):
+    """The same model retrained (same weights, same score, a run of its own) gets a version of its own,
+    and the alias stays on the first: "beats" is strictly better. The score is chosen so that rounding it
+    to 6 digits would make it look lower."""
+    root, cfg, paths = fresh
+    _above_chance_metrics(paths)
     _set_mean_accuracy(paths, 0.1234564)
     first = run_register(cfg, root)
+    _retrained(cfg, root)
     again = run_register(cfg, root)
-    assert (first.champion_moved, again.champion_moved, again.champion_version) == (True, False, first.version)
-    assert again.previous_champion_accuracy == 0.1234564
+    assert (first.version, again.version) == ("1", "2")
+    assert (first.champion_moved, again.champion_moved, again.champion_version) == (True, False, "1")
+    assert again.previous_champion_accuracy == 0.1234564 and again.gate_failures == []
     assert "does not beat" in again.reason
-    assert str(MlflowClient().get_model_version_by_alias(cfg.mlflow.model_name, CHAMPION).version) == first.version
+    assert str(MlflowClient().get_model_version_by_alias(cfg.mlflow.model_name, CHAMPION).version) == "1"
+
+
+def test_a_model_at_chance_is_registered_but_not_champion(fresh):
+    """All heads zeroed: every task answers one constant class, so no task beats its majority rate. The
+    first model of a registry, which would otherwise become champion for want of a rival."""
+    root, cfg, paths = fresh
+    name = cfg.mlflow.model_name
+    weights = load_file(paths.weights)
+    for key in [k for k in weights if k.startswith("heads.")]:
+        weights[key] = weights[key].zero_()
+    save_file(weights, paths.weights)
+    run_stage("evaluate", root=root)
+    metrics = json.loads(paths.test_metrics.read_text())
+    for task, (majority, n) in _majority(paths).items():  # the model is at (or under) chance on every task
+        assert metrics["tasks"][task]["accuracy"] <= majority / n + 1e-6
+
+    report = run_register(cfg, root)
+    client = MlflowClient()
+    assert (report.version, report.champion_moved, report.champion_version) == ("1", False, None)
+    assert report.gate_failures == ["above_chance"]
+    assert "chance" in report.reason
+    assert sorted(t.split(" ")[0] for t in report.tasks_at_chance) == sorted(_majority(paths))  # each named
+    assert _no_champion(client, name)
+    saved = _strict_json(paths.registry_report)
+    assert saved["gate_failures"] == ["above_chance"] and "chance" in saved["reason"]
+    tags = client.get_model_version(name, "1").tags
+    assert (tags[GATE_TAG], tags[GATE_FAILURES_TAG]) == ("refused", "above_chance")
+    assert "chance" in tags[GATE_REASON_TAG]
+
+
+def test_a_task_at_chance_is_named_but_does_not_refuse_a_model_above_chance(fresh):
+    """Three tasks perfect, `shape` exactly at its majority rate: the model beats chance over the tasks
+    and becomes champion, and the report, the log and a version tag name `shape`, and only it."""
+    root, cfg, paths = fresh
+    majority = _majority(paths)
+    metrics = json.loads(paths.test_metrics.read_text())
+    for task in metrics["tasks"]:
+        metrics["tasks"][task]["accuracy"] = 1.0
+    m, n = majority["shape"]
+    metrics["tasks"]["shape"]["accuracy"] = float(np.float32(m / n))  # as torchmetrics writes it
+    metrics["mean"]["accuracy"] = float(np.mean([v["accuracy"] for v in metrics["tasks"].values()]))
+    paths.test_metrics.write_text(json.dumps(metrics))
+
+    report = run_register(cfg, root)
+    assert (report.champion_moved, report.gate_failures) == (True, [])
+    assert [t.split(" ")[0] for t in report.tasks_at_chance] == ["shape"]
+    assert f"{m}/{n}" in report.tasks_at_chance[0]
+    tags = MlflowClient().get_model_version(cfg.mlflow.model_name, report.version).tags
+    assert tags["mtl.tasks_at_chance"].startswith("shape (")
+
+
+def test_a_model_no_better_than_chance_over_the_tasks_is_refused(fresh):
+    """Each task one correct answer above its majority count but one far below it: summed, the model
+    is under the majority-class predictor, and refused."""
+    root, cfg, paths = fresh
+    majority = _majority(paths)
+    metrics = json.loads(paths.test_metrics.read_text())
+    tasks = list(metrics["tasks"])
+    for task in tasks:
+        m, n = majority[task]
+        metrics["tasks"][task]["accuracy"] = (m + 1) / n
+    m, n = majority[tasks[0]]
+    metrics["tasks"][tasks[0]]["accuracy"] = 0.0
+    paths.test_metrics.write_text(json.dumps(metrics))
+    correct = sum(round(metrics["tasks"][t]["accuracy"] * majority[t][1]) for t in tasks)
+    assert correct <= sum(m for m, _ in majority.values())  # the case is what it says
+
+    report = run_register(cfg, root)
+    assert (report.champion_moved, report.gate_failures) == (False, ["above_chance"])
+    assert _no_champion(MlflowClient(), cfg.mlflow.model_name)
+
+
+def test_min_mean_accuracy_refuses_then_a_rerun_regates_the_same_version(fresh):
+    root, cfg, paths = fresh
+    name = cfg.mlflow.model_name
+    _above_chance_metrics(paths)
+    score = json.loads(paths.test_metrics.read_text())["mean"]["accuracy"]
+    strict = cfg.model_copy(update={"register": cfg.register.model_copy(update={"min_mean_accuracy": score + 0.01})})
+
+    refused = run_register(strict, root)
+    assert (refused.version, refused.champion_moved, refused.gate_failures) == ("1", False, ["min_mean_accuracy"])
+    assert "min_mean_accuracy" in refused.reason
+    client = MlflowClient()
+    assert _no_champion(client, name)
+    assert client.get_model_version(name, "1").tags[GATE_TAG] == "refused"
+
+    # "at least": a threshold equal to the score passes; the rerun for the same run finishes version 1
+    # again (no version 2, no second logged model) and now moves the alias to it
+    equal = cfg.model_copy(update={"register": cfg.register.model_copy(update={"min_mean_accuracy": score})})
+    passed = run_register(equal, root)
+    assert (passed.version, passed.champion_moved, passed.gate_failures) == ("1", True, [])
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    assert client.get_model_version(name, "1").tags[GATE_TAG] == "passed"
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+    run_id = read_run_info(paths)["run_id"]
+    assert len(_logged_models(client, run_id)) == 1
+
+    # a third time: the version is already champion, and says so
+    again = run_register(cfg, root)
+    assert (again.version, again.champion_moved, again.champion_version) == ("1", False, "1")
+    assert "already champion" in again.reason
+
+    # a run whose version was deleted registers its already logged model again, without logging another
+    client.delete_model_version(name, "1")
+    after_delete = run_register(cfg, root)
+    assert (after_delete.version, after_delete.champion_moved) == ("2", True)
+    assert len(_logged_models(client, run_id)) == 1
+
+
+def test_non_finite_weights_are_refused(fresh):
+    """A NaN in one tensor, behind test metrics that look fine (they are the good model's)."""
+    root, cfg, paths = fresh
+    _above_chance_metrics(paths)
+    weights = load_file(paths.weights)
+    weights["heads.color.weight"][0, 0] = float("nan")
+    save_file(weights, paths.weights)
+
+    report = run_register(cfg, root)
+    assert (report.version, report.champion_moved, report.gate_failures) == ("1", False, ["finite_weights"])
+    assert "heads.color.weight" in report.reason and "non-finite weights" in report.reason
+    client = MlflowClient()
+    assert _no_champion(client, cfg.mlflow.model_name)
+    assert client.get_model_version(cfg.mlflow.model_name, "1").tags[GATE_FAILURES_TAG] == "finite_weights"
+
+
+def test_non_finite_metrics_are_refused(fresh):
+    root, cfg, paths = fresh
+    _above_chance_metrics(paths)
+    metrics = json.loads(paths.test_metrics.read_text())
+    metrics["tasks"]["size"]["f1_macro"] = float("nan")
+    metrics["mean"]["accuracy"] = float("inf")
+    paths.test_metrics.write_text(json.dumps(metrics))  # Python writes NaN / Infinity, and reads them back
+
+    report = run_register(cfg, root)
+    assert report.champion_moved is False
+    assert report.gate_failures == ["finite_metrics"]
+    assert "tasks.size.f1_macro" in report.reason and "mean.accuracy" in report.reason
+    saved = _strict_json(paths.registry_report)  # registry.json stays valid JSON
+    assert saved["mean_test_accuracy"] is None and saved["gate_failures"] == report.gate_failures
+    assert _no_champion(MlflowClient(), cfg.mlflow.model_name)
+    assert not math.isfinite(float(MlflowClient().get_model_version(cfg.mlflow.model_name, "1").tags[SCORE_TAG]))
+
+
+def test_register_killed_after_creating_the_version_finishes_it_on_rerun(fresh):
+    """`mtl register` SIGKILLed right after `register_model` (version 1 exists, untagged, no alias, the
+    run left RUNNING); the rerun finds version 1 by the run's id and finishes it: no version 2."""
+    root, cfg, paths = fresh
+    name = cfg.mlflow.model_name
+    _above_chance_metrics(paths)
+    run_id = read_run_info(paths)["run_id"]
+    env = stage_env(root)
+
+    killed = subprocess.run(
+        ["mtl", "register"], cwd=root, env={**env, "MTL_FAULT": FAULT}, capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    mlflow.set_tracking_uri(tracking_uri(cfg, root))
+    client = MlflowClient()
+    (version,) = client.search_model_versions(f"name='{name}'")
+    assert (str(version.version), version.run_id) == ("1", run_id)
+    assert SCORE_TAG not in version.tags and GATE_TAG not in version.tags
+    assert _no_champion(client, name) and not paths.registry_report.exists()
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    rerun = subprocess.run(["mtl", "register"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+    tags = client.get_model_version(name, "1").tags
+    assert tags[GATE_TAG] == "passed" and float(tags[SCORE_TAG]) == json.loads(paths.test_metrics.read_text())["mean"]["accuracy"]
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    report = json.loads(paths.registry_report.read_text())
+    assert (report["version"], report["champion_moved"], report["run_id"]) == ("1", True, run_id)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(_logged_models(client, run_id)) == 1  # the pyfunc model was not logged a second time
