@@ -45,8 +45,10 @@ def run_dvc_stage(stage: str, project_dir: Path) -> str:
 
 
 # Retries where a failure can be transient: reading the data source (network storage) and talking to the
-# MLflow tracking server. A failed preprocess or train is a bug or bad data, and is not retried.
-_RETRIES = {"ingest": 2, "evaluate": 2, "register": 3, "compare": 2}
+# MLflow tracking server; and the training stages once, for a crash or a preemption: the retry resumes
+# from the last checkpoint (training/checkpoint.py), so it costs only the work since then. A failed
+# preprocess is a bug or bad data, and is not retried.
+_RETRIES = {"ingest": 2, "train": 1, "baselines": 1, "all_in_one": 1, "evaluate": 2, "register": 3, "compare": 2}
 
 stage_tasks = {
     name: task(name=name, retries=_RETRIES.get(name, 0), retry_delay_seconds=10, log_prints=True)(run_dvc_stage)
@@ -70,12 +72,13 @@ def publish_metrics(project_dir: Path) -> list[dict[str, object]]:
             row["negative_transfer"] = row["task"] in comparison["negative_transfer"]
         rows[-1]["relative_pct"] = round(comparison["delta_m_pct"][m], 2)  # Δm
     registry = json.loads((project_dir / "reports" / "registry.json").read_text())
+    champion = f"version {registry['champion_version']}" if registry.get("champion_version") else "none yet"
     create_table_artifact(
         key=METRICS_ARTIFACT_KEY,
         table=rows,
         description=(
             f"Test metrics of {registry['model_name']} version {registry['version']} "
-            f"(champion: version {registry['champion_version']}). {registry['reason']}."
+            f"(champion: {champion}). {registry['reason']}."
         ),
     )
     return rows

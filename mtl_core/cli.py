@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from mtl_core.pipeline import STAGES, run_stage
+from mtl_core.pipeline import STAGES, TRAINING_STAGES, run_stage
 
 KNOWN_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RuntimeError)
 
@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage (what `dvc repro` calls)")
         p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
         p.add_argument("--root", default=".", help="project root (default: current folder)")
+        if stage in TRAINING_STAGES:
+            p.add_argument(
+                "--fresh", action="store_true",
+                help="ignore the checkpoints in checkpoints/ and start over (default: resume a killed run)",
+            )  # fmt: skip
     _add_predict_parser(sub)
     return parser
 
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         if args.command in STAGES:
-            run_stage(args.command, args.params, args.root)
+            run_stage(args.command, args.params, args.root, fresh=getattr(args, "fresh", False))
         elif args.command == "predict":
             _predict(args)
     except KNOWN_ERRORS as err:

@@ -29,8 +29,14 @@ def stage_function(name: str) -> Callable[[PipelineConfig, Path], Any]:
     return getattr(importlib.import_module(module), func)
 
 
-def run_stage(name: str, params: str | Path = "params.yaml", root: str | Path = ".") -> Any:
+TRAINING_STAGES = ("train", "baselines", "all_in_one")
+"""The stages that checkpoint and resume after a kill; they take `fresh=True` to start over."""
+
+
+def run_stage(name: str, params: str | Path = "params.yaml", root: str | Path = ".", fresh: bool = False) -> Any:
     root = Path(root).resolve()
     params = Path(params)
     cfg = load_config(params if params.is_absolute() else root / params)
-    return stage_function(name)(cfg, root)
+    if fresh and name not in TRAINING_STAGES:
+        raise ValueError(f"--fresh applies to the training stages ({', '.join(TRAINING_STAGES)}), not {name!r}")
+    return stage_function(name)(cfg, root, fresh=True) if fresh else stage_function(name)(cfg, root)

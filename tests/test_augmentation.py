@@ -123,7 +123,10 @@ def batches(cfg, paths: ProjectPaths, epochs: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.timeout(120)
-def test_each_dataloader_worker_draws_its_own_seeded_augmentation(tmp_path: Path, trained_project: Path) -> None:
+def test_each_sample_draws_its_own_seeded_augmentation_whatever_the_workers(tmp_path: Path, trained_project: Path) -> None:
+    """Different across samples, batches and epochs; the same again for the same seed, and the same
+    with 0 workers as with 2 (training.sampler: a sample's augmentation is a function of the seed, the
+    epoch and the sample, which is what lets a resumed run continue exactly)."""
     cfg = with_augment(load_config(trained_project / "params.yaml"), [{"name": "GaussNoise", "std_range": [0.1, 0.1], "p": 1.0}])
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 2, "batch_size": 4})})
     paths = constant_cache(tmp_path)
@@ -133,6 +136,9 @@ def test_each_dataloader_worker_draws_its_own_seeded_augmentation(tmp_path: Path
         assert not torch.equal(first[a], first[b]), (a, b)
     again = batches(cfg, paths, 2)  # seeded: the same run again draws the same augmentation
     for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    in_process = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 0})})
+    for a, b in zip(first, batches(in_process, paths, 2)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     other_seed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})})
     assert not torch.equal(batches(other_seed, paths, 1)[0], first[0])

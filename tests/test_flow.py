@@ -1,4 +1,5 @@
-"""The Prefect flow: same outputs as `dvc repro`, one record (dvc status clean), a metrics artifact."""
+"""The Prefect flow: same outputs as `dvc repro`, one record (dvc status clean), a metrics artifact; a
+train task killed in the middle (a real SIGKILL) is retried, and the retry resumes its checkpoint."""
 
 from __future__ import annotations
 
@@ -36,12 +37,18 @@ SCRIPT = textwrap.dedent(
 
 def test_flow_runs_the_stages_through_dvc(tmp_path: Path):
     clone = copy_working_tree(tmp_path / "repo")
-    write_params(clone)
+    write_params(clone, {"train": {"checkpoint_every_steps": 2}})
     env = stage_env(clone)
+    fired = tmp_path / "fault-fired"
+    env.update(MTL_FAULT="train.after_step:9", MTL_FAULT_ONCE=str(fired))  # epoch 2 of 2, step 3 of 6
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(clone)], cwd=clone, env=env, capture_output=True, text=True, timeout=1500
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    assert fired.is_file(), "the train stage was killed once"
+    log = proc.stdout + proc.stderr
+    assert "Task run 'train" in log and "Retry" in log, log[-6000:]
+    assert "train: resuming MLflow run" in log and "epoch 2, step 2 of it" in log, log[-6000:]
     result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
 
     metrics = json.loads((clone / "reports" / "test_metrics.json").read_text())
@@ -51,6 +58,12 @@ def test_flow_runs_the_stages_through_dvc(tmp_path: Path):
     table = json.loads(result["artifact"]) if isinstance(result["artifact"], str) else result["artifact"]
     assert [r["task"] for r in table] == [r["task"] for r in result["rows"]]
     assert json.loads((clone / "reports" / "registry.json").read_text())["champion_version"] == "1"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mtl-pipeline").experiment_id], "tags.`mtl.stage` = 'train'")
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the killed attempt's run, resumed and finished
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mean/accuracy")) == [1, 2]
 
     # one record of what was computed: DVC sees nothing left to do after the flow
     status = subprocess.run(

@@ -96,10 +96,11 @@ def test_the_loop_clips_the_shared_gradient_and_gives_an_unlabelled_task_weight_
     weighting = build_weighting("mgda", ["a", "b"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    stats, weights, images, steps = train_one_epoch(
+    progress = train_one_epoch(
         model, loader, weighting, TaskLoss(["a", "b"]), optimizer, scheduler, torch.device("cpu"), cfg, 1, 0
     )
-    assert (images, steps) == (16, 2)
+    stats, weights = progress.stats.summary()
+    assert (progress.images, progress.steps) == (16, 2)
     assert weights == {"a": pytest.approx(1.0), "b": 0.0}
     assert np.isnan(stats["b"]["loss"]) and np.isnan(stats["b"]["accuracy"])
     assert np.isfinite(stats["a"]["loss"])

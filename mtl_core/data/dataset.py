@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import albumentations as A
@@ -49,6 +50,12 @@ class CachedMultiTaskDataset(Dataset):
             self._images = np.load(self.images_path, mmap_mode="r")
         return self._images
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`item`: an index, or (index, augmentation seed) from training.sampler.ResumableSampler, which
+        makes the sample's augmentation a function of the seed alone (not of the worker, nor of the
+        samples drawn before it), so a resumed run augments exactly as an uninterrupted one."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         image = np.ascontiguousarray(self.images[i])
         return self.transform(image=image)["image"], self.labels[i], self.weights[i]

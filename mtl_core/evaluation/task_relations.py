@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,6 +100,25 @@ class GradientCosineTracker:
         for name, values in stats.items():
             self._stat_sum[name] += np.where(seen, values.cpu().numpy(), 0.0)
         self._stat_count += seen
+
+    def discard(self) -> None:
+        """Forget the pending measurement (the step was skipped: nothing to relate it to)."""
+        self._pending = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch's running sums (float64 tensors), for a checkpoint in the middle of an epoch; taken
+        between steps, when no measurement is pending."""
+        return {
+            "sum": torch.from_numpy(self._sum.copy()), "count": torch.from_numpy(self._count.copy()),
+            "stat_sum": {n: torch.from_numpy(v.copy()) for n, v in self._stat_sum.items()},
+            "stat_count": torch.from_numpy(self._stat_count.copy()),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sum, self._count = state["sum"].numpy().copy(), state["count"].numpy().copy()
+        self._stat_sum = {n: state["stat_sum"][n].numpy().copy() for n in self.STATS}
+        self._stat_count = state["stat_count"].numpy().copy()
+        self._pending = None
 
     def epoch_task_stats(self) -> dict[str, dict[str, float]]:
         """{task: {grad_norm, effective_lr, step_alignment}} averaged over the epoch's measured steps

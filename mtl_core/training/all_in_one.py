@@ -30,7 +30,7 @@ def disabled_reason(cfg: PipelineConfig) -> str | None:
     return None
 
 
-def run_all_in_one(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
+def run_all_in_one(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict[str, Any]:
     paths = ProjectPaths(root)
     folder, out = paths.all_in_one_dir, paths.all_in_one_metrics
     if folder.exists():
@@ -48,19 +48,27 @@ def run_all_in_one(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     from mtl_core.tasks import TaskSpec
     from mtl_core.tracking import git_commit, ingested_data_hash, setup_mlflow
     from mtl_core.training.baselines import fit_and_score, training_cost
+    from mtl_core.training import checkpoint
+    from mtl_core.training.runs import fail_orphan_runs, recorded_run_ids, training_run
     from mtl_core.training.train import log_config_params
 
     tasks = TaskSpec.load(paths.tasks_file)
     exp_id = setup_mlflow(cfg, root)
     all_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"task_groups": None})})
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"all-in-one reference · {cfg.train.weighting}") as run:
-        log_config_params(all_cfg)
-        tags = {"mtl.kind": "all_in_one_reference", **ingested_data_hash(root)}
-        if commit := git_commit(root):
-            tags["git_commit"] = commit
-        mlflow.set_tags(tags)
-        results = fit_and_score(all_cfg, paths, tasks, folder)
+    resume_dir = checkpoint.checkpoints_root(root) / "all_in_one"
+    fp = checkpoint.fingerprint(all_cfg, paths, None)
+    fail_orphan_runs(exp_id, "all_in_one", keep=recorded_run_ids(resume_dir))
+    run_name = f"all-in-one reference · {cfg.train.weighting}"
+    with training_run(resume_dir, fp, experiment_id=exp_id, run_name=run_name, fresh=fresh) as (run, resume):
+        if not resume.resumed:
+            log_config_params(all_cfg)
+            tags = {"mtl.stage": "all_in_one", "mtl.kind": "all_in_one_reference", **ingested_data_hash(root)}
+            if commit := git_commit(root):
+                tags["git_commit"] = commit
+            mlflow.set_tags(tags)
+        results = fit_and_score(all_cfg, paths, tasks, folder, resume=resume, resume_dir=resume_dir)
         mlflow.log_metrics({f"test/{t}/{m}": v for t, ms in results.items() for m, v in ms.items() if m != "support"})
+    checkpoint.remove(resume_dir / checkpoint.LAST)  # finished: nothing left to resume
     report = {"enabled": True, "tasks": results, "run": run.info.run_id, "cost": training_cost(folder)}
     out.write_text(json.dumps(report, indent=2) + "\n")
     log.info("all_in_one: test accuracy %s", ", ".join(f"{t} {m['accuracy']:.3f}" for t, m in results.items()))

@@ -25,18 +25,23 @@ from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.tracking import git_commit, ingested_data_hash, setup_mlflow
+from mtl_core.training import checkpoint
 from mtl_core.training.device import select_device
+from mtl_core.training.runs import Resume, fail_orphan_runs, recorded_run_ids, training_run
 from mtl_core.training.train import ModelFiles, fit, log_config_params
 
 log = logging.getLogger(__name__)
 
 
 def fit_and_score(
-    cfg: PipelineConfig, paths: ProjectPaths, tasks: TaskSpec, folder: Path, label_columns: list[int] | None = None
+    cfg: PipelineConfig, paths: ProjectPaths, tasks: TaskSpec, folder: Path, label_columns: list[int] | None = None,
+    resume: Resume | None = None, resume_dir: Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """Train a model on `tasks` (label columns `label_columns` of the cache) into `folder` inside the
-    active MLflow run, then score its best weights on the test split: per-task metrics."""
-    fit(cfg, paths, tasks, ModelFiles.in_folder(folder), label_columns=label_columns)
+    active MLflow run, then score its best weights on the test split: per-task metrics. `resume_dir`:
+    where its checkpoints go (none without), `resume`: the state to continue (training.runs)."""
+    files = ModelFiles.in_folder(folder, resume_dir / checkpoint.LAST if resume_dir is not None else None)
+    fit(cfg, paths, tasks, files, label_columns=label_columns, resume=resume)
     device = select_device(cfg.train.device)
     model, _ = load_model(folder / "model_spec.json", folder / "model.safetensors", device)
     per_task, *_ = score(model, make_test_loader(cfg, paths, label_columns), device, cfg.train.amp)
@@ -56,7 +61,9 @@ def single_task_config(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"model": model, "train": train})
 
 
-def run_baselines(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
+def run_baselines(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict[str, Any]:
+    """Stage `baselines`. Each task's model resumes from its own checkpoint after a kill (a finished one
+    is restored, not retrained), into its own MLflow run; `fresh`: start every one over."""
     paths = ProjectPaths(root)
     if paths.single_task_dir.exists():
         shutil.rmtree(paths.single_task_dir)
@@ -74,15 +81,20 @@ def run_baselines(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     results: dict[str, dict[str, float]] = {}
     runs: dict[str, str] = {}
     cost = {"train_seconds": 0.0, "parameters": 0}
+    resume_root = checkpoint.checkpoints_root(root) / "baselines"
+    fail_orphan_runs(exp_id, "baselines", keep=recorded_run_ids(resume_root))
     for k, task in enumerate(tasks.names):
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"single-task {task}") as run:
-            log_config_params(single_cfg)
-            tags = {"mtl.kind": "single_task_baseline", "mtl.task": task, **ingested_data_hash(root)}
-            if commit := git_commit(root):
-                tags["git_commit"] = commit
-            mlflow.set_tags(tags)
+        resume_dir = resume_root / task
+        fp = checkpoint.fingerprint(single_cfg, paths, [k])
+        with training_run(resume_dir, fp, experiment_id=exp_id, run_name=f"single-task {task}", fresh=fresh) as (run, resume):
+            if not resume.resumed:
+                log_config_params(single_cfg)
+                tags = {"mtl.stage": "baselines", "mtl.kind": "single_task_baseline", "mtl.task": task, **ingested_data_hash(root)}
+                if commit := git_commit(root):
+                    tags["git_commit"] = commit
+                mlflow.set_tags(tags)
             single = TaskSpec({task: tasks.classes[task]})
-            results[task] = fit_and_score(single_cfg, paths, single, paths.single_task_dir / task, [k])[task]
+            results[task] = fit_and_score(single_cfg, paths, single, paths.single_task_dir / task, [k], resume, resume_dir)[task]
             mlflow.log_metrics({f"test/{task}/{m}": v for m, v in results[task].items() if m != "support"})
             runs[task] = run.info.run_id
         for key, value in training_cost(paths.single_task_dir / task).items():
@@ -90,5 +102,6 @@ def run_baselines(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
         log.info("baseline %s: test accuracy %.3f", task, results[task]["accuracy"])
     report = {"enabled": True, "tasks": results, "runs": runs, "cost": cost}
     paths.single_task_metrics.write_text(json.dumps(report, indent=2) + "\n")
+    checkpoint.remove(resume_root / "any")  # all finished: nothing left to resume
     return report
 

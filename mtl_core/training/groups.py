@@ -25,6 +25,8 @@ from mtl_core.models.grouped import TaskGroupedModel, validate_groups
 from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
+from mtl_core.training import checkpoint
+from mtl_core.training.runs import training_run
 from mtl_core.training.train import ModelFiles, TrainResult, _write_gradient_cosine, fit, plot_history, write_model_spec
 
 log = logging.getLogger(__name__)
@@ -65,19 +67,26 @@ def merge_cosines(per_group: list[dict], groups: list[list[str]], tasks: list[st
     return out
 
 
-def fit_groups(cfg: PipelineConfig, paths: ProjectPaths, tasks: TaskSpec, groups: list[list[str]]) -> TrainResult:
-    """Fit one network per group inside the active (the model's) MLflow run; write the grouped model."""
+def fit_groups(
+    cfg: PipelineConfig, paths: ProjectPaths, tasks: TaskSpec, groups: list[list[str]], fresh: bool = False
+) -> TrainResult:
+    """Fit one network per group inside the active (the model's) MLflow run; write the grouped model.
+    Each group resumes from its own checkpoint (checkpoints/train/group-<i>/) into its own nested run."""
     groups = validate_groups(groups, tasks.names)
     parent = mlflow.active_run()
     members, summaries, histories, cosine_reports = [], [], [], []
     for i, group in enumerate(groups):
         folder = group_folder(paths, i)
-        files = ModelFiles(**{**ModelFiles.in_folder(folder).__dict__, "gradient_cosine": folder / "task_gradient_cosine.json"})
+        resume_dir = checkpoint.checkpoints_root(paths.root) / "train" / f"group-{i}"
+        files = ModelFiles(**{
+            **ModelFiles.in_folder(folder, resume_dir / checkpoint.LAST).__dict__, "gradient_cosine": folder / "task_gradient_cosine.json",
+        })  # fmt: skip
         columns = [tasks.names.index(t) for t in group]
-        with mlflow.start_run(nested=True, run_name=f"group {i + 1}: {', '.join(group)}"):
+        fp = checkpoint.fingerprint(cfg, paths, columns)
+        with training_run(resume_dir, fp, run_name=f"group {i + 1}: {', '.join(group)}", nested=True, fresh=fresh) as (_, resume):
             mlflow.set_tags({"mtl.kind": "task_group", "mtl.group": ",".join(group), "mtl.parent_run": parent.info.run_id})
             log.info("task group %d/%d: %s", i + 1, len(groups), ", ".join(group))
-            fit(cfg, paths, TaskSpec({t: tasks.classes[t] for t in group}), files, label_columns=columns)
+            fit(cfg, paths, TaskSpec({t: tasks.classes[t] for t in group}), files, label_columns=columns, resume=resume)
         model, _ = load_model(files.spec, files.weights)
         members.append(model)
         summaries.append(json.loads(files.summary.read_text()))

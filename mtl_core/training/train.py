@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import shutil
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mtl_core.config import PipelineConfig, TrainConfig
 from mtl_core.evaluation.task_relations import GradientCosineTracker, plot_task_matrix
+from mtl_core.faults import fault_point
 from mtl_core.data.dataset import CachedMultiTaskDataset
 from mtl_core.inference import predict_loader
 from mtl_core.losses import TaskLoss
@@ -36,9 +35,13 @@ from mtl_core.models.io import SPEC_FORMAT
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.tracking import flatten, git_commit, ingested_data_hash, setup_mlflow, write_run_info
-from mtl_core.training.device import autocast, select_device, seed_everything
+from mtl_core.training import checkpoint
+from mtl_core.training.device import select_device, seed_everything
+from mtl_core.training.loop import EpochProgress, EpochStats, NonFiniteError, train_one_epoch  # noqa: F401  (NonFiniteError: the error training stops with)
+from mtl_core.training.runs import Resume, fail_orphan_runs, training_run
+from mtl_core.training.sampler import ResumableSampler
 from mtl_core.transforms import eval_transform, train_transform
-from mtl_core.weighting import GradientBalancing, LossWeighting, StepContext, build_weighting
+from mtl_core.weighting import GradientBalancing, LossWeighting, build_weighting
 from mtl_core.weighting.gradnorm import GradNorm
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,6 @@ class TrainResult:
     images_per_second: float
 
 
-def _reseed_worker_transform(worker_id: int) -> None:
-    """Give every DataLoader worker its own (seeded, reproducible) augmentation stream."""
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
-
-
 def make_loaders(
     cfg: PipelineConfig,
     paths: ProjectPaths,
@@ -65,24 +62,25 @@ def make_loaders(
     device: torch.device,
     label_columns: list[int] | None = None,
 ) -> dict[str, DataLoader]:
-    """Train and val loaders over the cache; `label_columns` selects a subset of the tasks."""
-    train_tf = train_transform(cfg.preprocess)
-    train_tf.set_random_seed(cfg.train.seed)
+    """Train and val loaders over the cache; `label_columns` selects a subset of the tasks. The training
+    order and each sample's augmentation come from `train.seed` and the epoch alone (ResumableSampler),
+    so they do not depend on the number of workers, and a resumed run sees the batches it would have."""
     common = dict(
         batch_size=cfg.train.batch_size,
         num_workers=cfg.train.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.train.num_workers > 0,
     )
+    train_data = CachedMultiTaskDataset(
+        paths.images_cache("train"), paths.labels_cache("train"), train_transform(cfg.preprocess),
+        paths.weights_cache("train"), label_columns,
+    )  # fmt: skip
     loaders = {
         "train": DataLoader(
-            CachedMultiTaskDataset(
-                paths.images_cache("train"), paths.labels_cache("train"), train_tf, paths.weights_cache("train"), label_columns
-            ),
-            shuffle=True,
+            train_data,
+            sampler=ResumableSampler(len(train_data), cfg.train.seed, shuffle=True),
             drop_last=False,
-            generator=generator,
-            worker_init_fn=_reseed_worker_transform,
+            generator=generator,  # the workers' base seed comes from it, not from the global generator
             **common,
         ),
         "val": DataLoader(
@@ -101,59 +99,6 @@ def masked_accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     return float((pred[labelled] == target[labelled]).mean()) if labelled.any() else float("nan")
 
 
-class EpochStats:
-    """Running per-task loss (per labelled sample), accuracy and method weight over one training epoch.
-
-    The sums stay on the training device: nothing here waits for the GPU; `summary()` (once per epoch)
-    and `mean_loss()` (once per logging interval) are the only host syncs."""
-
-    def __init__(self, tasks: list[str], device: torch.device) -> None:
-        self.tasks = tasks
-        k = len(tasks)
-        self.loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
-        self.correct = torch.zeros(k, dtype=torch.int64, device=device)
-        self.count = torch.zeros(k, dtype=torch.int64, device=device)
-        self.weight_sum = torch.zeros(k, dtype=torch.float64, device=device)
-        self.steps = 0
-
-    def update(
-        self, losses: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], y: torch.Tensor, weights: torch.Tensor
-    ) -> None:
-        labelled = y != MISSING_LABEL  # (N, K)
-        n = labelled.sum(0)
-        loss = torch.stack([losses[t].detach().double() for t in self.tasks])
-        pred = torch.stack([logits[t].detach().argmax(1) for t in self.tasks], dim=1)
-        self.loss_sum += loss * n
-        self.correct += ((pred == y) & labelled).sum(0)
-        self.count += n
-        self.weight_sum += weights.to(self.weight_sum.device, torch.float64)
-        self.steps += 1
-
-    def mean_loss(self) -> float:
-        """Mean over tasks of the per-sample training loss so far (a host sync: call it rarely)."""
-        per_task = self.loss_sum / self.count.clamp(min=1)
-        return float(per_task[self.count > 0].mean()) if bool((self.count > 0).any()) else float("nan")
-
-    def summary(self) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-        """({task: {loss, accuracy}}, {task: mean method weight per step}); NaN for a task never labelled."""
-        loss, correct, count = self.loss_sum.cpu(), self.correct.cpu(), self.count.cpu()
-        weights = (self.weight_sum / max(self.steps, 1)).cpu()
-        stats = {
-            t: {
-                "loss": float(loss[k] / count[k]) if count[k] else float("nan"),
-                "accuracy": float(correct[k] / count[k]) if count[k] else float("nan"),
-            }
-            for k, t in enumerate(self.tasks)
-        }
-        return stats, {t: float(weights[k]) for k, t in enumerate(self.tasks)}
-
-
-def labelled_tasks(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(K,) bool: which tasks have a labelled sample with non-zero weight in the batch (CPU tensors in,
-    so the weighting methods get it without a device sync)."""
-    return ((y != MISSING_LABEL) & (w > 0)[:, None]).any(0)
-
-
 def validate(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: bool) -> dict[str, dict[str, float]]:
     probs, targets = predict_loader(model, loader, device, amp)
     out: dict[str, dict[str, float]] = {}
@@ -164,69 +109,6 @@ def validate(model: MultiTaskModel, loader: DataLoader, device: torch.device, am
         nll = -np.log(np.clip(p[np.arange(len(p)), y[labelled]], 1e-12, None)).mean() if labelled.any() else float("nan")
         out[t] = {"loss": float(nll), "accuracy": masked_accuracy(probs[t].argmax(1), y)}
     return out
-
-
-LOG_EVERY_STEPS = 25
-"""How often the progress bar shows the running loss: its one host sync."""
-
-
-def train_one_epoch(
-    model: MultiTaskModel,
-    loader: DataLoader,
-    weighting: LossWeighting,
-    loss_fn: TaskLoss,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
-    cfg: PipelineConfig,
-    epoch: int,
-    global_step: int,
-    tracker: GradientCosineTracker | None = None,
-) -> tuple[dict[str, dict[str, float]], dict[str, float], int, int]:
-    """One pass over the training data; returns (per-task stats, mean task weights, images seen, steps)."""
-    model.train()
-    tasks = model.task_names
-    stats = EpochStats(tasks, device)
-    shared = model.shared_parameters()
-    private = {t: list(model.task_parameters(t)) for t in tasks}
-    last_shared = model.last_shared_layer()
-    max_steps = cfg.train.max_steps_per_epoch or len(loader)
-    images = steps = 0
-    bar = tqdm(loader, total=min(max_steps, len(loader)), desc=f"epoch {epoch}", unit="batch", disable=None, leave=False)
-    for x, y, w in bar:
-        if steps >= max_steps:
-            break
-        labelled = labelled_tasks(y, w)
-        x, y, w = x.to(device, non_blocking=True), y.to(device, non_blocking=True), w.to(device, non_blocking=True)
-        with autocast(device, cfg.train.amp):
-            z = model.encode(x)
-            logits = model.decode(z)
-            losses = loss_fn(logits, y, w)
-        optimizer.zero_grad(set_to_none=True)
-        if tracker is not None and tracker.due(global_step + steps):
-            tracker.measure(losses, shared, labelled)
-        ctx = StepContext(
-            shared_params=shared, task_params=private, shared_repr=z, step=global_step + steps, epoch=epoch,
-            labelled=labelled, last_shared_layer=last_shared,
-        )  # fmt: skip
-        weights = weighting.backward(losses, ctx)
-        if cfg.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(shared, cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        if tracker is not None:
-            tracker.after_step(shared)
-        if weighting.needs_losses_after_step:  # FAMO: the same batch's losses under the updated weights
-            with torch.no_grad(), autocast(device, cfg.train.amp):
-                weighting.after_step(loss_fn(model(x), y, w))
-        stats.update(losses, logits, y, weights)
-        images += len(x)
-        steps += 1
-        if steps % LOG_EVERY_STEPS == 0 and not bar.disable:
-            bar.set_postfix(loss=f"{stats.mean_loss():.3f}")
-    bar.close()
-    per_task, mean_weights = stats.summary()
-    return per_task, mean_weights, images, steps
 
 
 def _metrics(prefix: str, per_task: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -282,7 +164,9 @@ def plot_history(history: pd.DataFrame, tasks: list[str], out: Path) -> None:
 @dataclass(frozen=True)
 class ModelFiles:
     """Where one trained model's files go: the multi-task model in models/ (with its reports in
-    reports/), each single-task baseline in a folder of its own."""
+    reports/), each single-task baseline in a folder of its own; `resume`, its resumable checkpoint,
+    under checkpoints/ (outside every DVC output: see training/checkpoint.py). `checkpoint` is the final
+    training state (last-epoch weights, optimizer, method state) that a finished run leaves in models/."""
 
     weights: Path
     checkpoint: Path
@@ -291,19 +175,22 @@ class ModelFiles:
     curves: Path
     summary: Path
     gradient_cosine: Path | None = None
+    resume: Path | None = None
 
     @classmethod
     def multitask(cls, paths: ProjectPaths) -> ModelFiles:
         return cls(
             paths.weights, paths.checkpoint, paths.model_spec, paths.train_history,
             paths.reports_dir / "training_curves.png", paths.train_metrics, paths.gradient_cosine,
+            checkpoint.checkpoints_root(paths.root) / "train" / "last.pt",
         )  # fmt: skip
 
     @classmethod
-    def in_folder(cls, folder: Path) -> ModelFiles:
+    def in_folder(cls, folder: Path, resume: Path | None = None) -> ModelFiles:
         return cls(
             folder / "model.safetensors", folder / "checkpoint.pt", folder / "model_spec.json",
             folder / "train_history.csv", folder / "training_curves.png", folder / "train_metrics.json",
+            resume=resume,
         )  # fmt: skip
 
 
@@ -359,18 +246,46 @@ def check_freezable(model: MultiTaskModel, weighting: LossWeighting, cfg: Pipeli
         )
 
 
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _catch_up_mlflow(history: list[dict[str, float]], cosines: dict[int, list[list[float]]], tasks: list[str]) -> None:
+    """Log the epochs a resumed checkpoint holds but the run has not recorded (a kill between the
+    checkpoint and the metrics), so the run has one value per epoch, none twice."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = mlflow.active_run().info.run_id
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val/mean/accuracy")}
+    for row in history:
+        if row["epoch"] not in logged:
+            _log_epoch(row, cosines, tasks)
+
+
+def _log_epoch(row: dict[str, float], cosines: dict[int, list[list[float]]], tasks: list[str]) -> None:
+    epoch = int(row["epoch"])
+    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+    if epoch in cosines:
+        mlflow.log_dict({"tasks": tasks, "epoch": epoch, "cosine": cosines[epoch]},
+                        f"task_relations/gradient_cosine_epoch_{epoch:03d}.json")  # fmt: skip
+
+
 def fit(
     cfg: PipelineConfig,
     paths: ProjectPaths,
     tasks: TaskSpec,
     files: ModelFiles,
     label_columns: list[int] | None = None,
+    resume: Resume | None = None,
 ) -> TrainResult:
     """Train one model on `tasks` (label columns `label_columns` of the cache) inside the active MLflow
-    run: per-epoch metrics, a checkpoint every epoch, the best-on-validation weights, the spec."""
+    run: per-epoch metrics, the best-on-validation weights, the spec. With `files.resume`, a checkpoint
+    every epoch and every `train.checkpoint_every_steps` steps; `resume.state` continues one exactly."""
+    resume = resume or Resume(checkpoint.fingerprint(cfg, paths, label_columns))
     generator = seed_everything(cfg.train.seed)
     device = select_device(cfg.train.device)
     loaders = make_loaders(cfg, paths, generator, device, label_columns)
+    sampler: ResumableSampler = loaders["train"].sampler
     stem = resolve_stem(cfg.model.stem, cfg.preprocess.image_size, cfg.model.backbone)
     model = build_model(
         cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained_weights(paths.root),
@@ -387,7 +302,8 @@ def fit(
     loss_fn = TaskLoss.from_config(cfg.train, tasks, train_labels).to(device)
     labelled_train = {t: int((train_labels[:, k] != MISSING_LABEL).sum()) for k, t in enumerate(tasks.names)}
     optimizer = build_optimizer(model, weighting, cfg.train)
-    steps_per_epoch = min(cfg.train.max_steps_per_epoch or len(loaders["train"]), len(loaders["train"]))
+    full_epoch = math.ceil(len(sampler) / cfg.train.batch_size)
+    steps_per_epoch = min(cfg.train.max_steps_per_epoch or full_epoch, full_epoch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],  # one peak per group: the backbone's scaled
         total_steps=max(1, cfg.train.epochs * steps_per_epoch), pct_start=0.15,
@@ -396,57 +312,108 @@ def fit(
     tracker = GradientCosineTracker(tasks.names, cfg.train.task_affinity_every) if measure else None
     for f in (files.weights, files.history, files.summary):
         f.parent.mkdir(parents=True, exist_ok=True)
-    log.info(
-        "train: %s (%s) on %s, tasks %s, %d training images", cfg.model.backbone, cfg.model.arch, device,
-        ", ".join(tasks.names), len(loaders["train"].dataset),
-    )  # fmt: skip
-    log.info("labelled training samples per task: %s", ", ".join(f"{t} {n}" for t, n in labelled_train.items()))
-    mlflow.log_params({f"data/{t}/labelled_train": n for t, n in labelled_train.items()})
+    run_id = mlflow.active_run().info.run_id
 
     history: list[dict[str, float]] = []
     cosines: dict[int, list[list[float]]] = {}
-    best = (-math.inf, 0)
-    total_images, total_seconds, global_step = 0, 0.0, 0
-    for epoch in range(1, cfg.train.epochs + 1):
+    best, best_weights = (-math.inf, 0), None
+    totals = {"images": 0, "seconds": 0.0, "skipped": 0}
+    start_epoch, partial = 1, None
+    if (state := resume.state) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        weighting.load_state_dict(state["weighting"])
+        if tracker is not None and state.get("tracker") is not None:
+            tracker.load_state_dict(state["tracker"])
+        checkpoint.restore_rng(state["rng"])
+        history, totals = list(state["history"]), dict(state["totals"])
+        cosines = {int(e): m for e, m in state["cosines"].items()}
+        best, best_weights = (state["best"]["score"], state["best"]["epoch"]), state["best_weights"]
+        partial = state["progress"]
+        start_epoch = state["epoch"] if partial is not None else state["epoch"] + 1
+        if best_weights is not None:  # DVC deleted models/ before rerunning the stage
+            save_file(best_weights, files.weights)
+        _catch_up_mlflow(history, cosines, tasks.names)
+    else:
+        log.info(
+            "train: %s (%s) on %s, tasks %s, %d training images", cfg.model.backbone, cfg.model.arch, device,
+            ", ".join(tasks.names), len(loaders["train"].dataset),
+        )  # fmt: skip
+        log.info("labelled training samples per task: %s", ", ".join(f"{t} {n}" for t, n in labelled_train.items()))
+        mlflow.log_params({f"data/{t}/labelled_train": n for t, n in labelled_train.items()})
+
+    def save_checkpoint(epoch: int, progress: EpochProgress | None) -> None:
+        if files.resume is None:
+            return
+        checkpoint.save(files.resume, {
+            "fingerprint": resume.fingerprint, "run_id": run_id, "epoch": epoch, "epochs": cfg.train.epochs,
+            "progress": progress.state_dict() if progress is not None else None,
+            "model": _cpu_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "weighting": weighting.state_dict(), "tracker": tracker.state_dict() if tracker is not None else None,
+            "rng": checkpoint.rng_state(), "history": history, "cosines": {str(e): m for e, m in cosines.items()},
+            "best": {"score": best[0], "epoch": best[1]}, "best_weights": best_weights, "totals": totals,
+        })  # fmt: skip
+
+    every = cfg.train.checkpoint_every_steps
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
         freeze_backbone(model, epoch, cfg.train)
         # with nothing shared left trainable (hard sharing, frozen backbone) there is no shared gradient to measure
         epoch_tracker = tracker if any(p.requires_grad for p in model.shared_parameters()) else None
-        t0 = time.perf_counter()
-        train_stats, mean_weights, images, steps = train_one_epoch(
-            model, loaders["train"], weighting, loss_fn, optimizer, scheduler, device, cfg, epoch, global_step, epoch_tracker
-        )
-        seconds = time.perf_counter() - t0
-        total_images, total_seconds, global_step = total_images + images, total_seconds + seconds, global_step + steps
+        progress = EpochProgress(EpochStats(tasks.names, device))
+        if partial is not None:
+            progress.load_state_dict(partial)
+            partial = None
+        sampler.set_epoch(epoch, start=progress.steps * cfg.train.batch_size)
+
+        def on_step(p: EpochProgress, epoch: int = epoch) -> None:
+            if every and p.steps % every == 0 and p.steps < steps_per_epoch:
+                save_checkpoint(epoch, p)
+            fault_point("train.after_step")
+
+        progress = train_one_epoch(
+            model, loaders["train"], weighting, loss_fn, optimizer, scheduler, device, cfg, epoch,
+            (epoch - 1) * steps_per_epoch, epoch_tracker, progress, steps_per_epoch, on_step, totals["skipped"],
+        )  # fmt: skip
+        train_stats, mean_weights = progress.stats.summary()
+        images, seconds = progress.images, progress.seconds
+        totals = {"images": totals["images"] + images, "seconds": totals["seconds"] + seconds, "skipped": totals["skipped"] + progress.skipped}
+        for where in progress.skipped_at:
+            log.warning("train: skipped the batch at %s (train.on_nonfinite: skip)", where)
         weighting.on_epoch_end(epoch, {t: s["loss"] for t, s in train_stats.items()})
         val_stats = validate(model, loaders["val"], device, cfg.train.amp)
         row = {"epoch": epoch, **_metrics("train", train_stats), **_metrics("val", val_stats)}
         row.update({f"weight/{t}": w for t, w in mean_weights.items()})
-        row["train/images_per_second"] = images / seconds
+        row["train/images_per_second"] = images / seconds if seconds else 0.0
+        row["train/skipped_steps"] = progress.skipped
         row["lr"] = scheduler.get_last_lr()[0]
         if tracker is not None:  # per task: |g_t|, effective learning rate, step alignment
             for t, task_stats in tracker.epoch_task_stats().items():
                 row.update({f"grad/{t}/{name}": v for name, v in task_stats.items()})
         history.append(row)
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
         if tracker is not None and (matrix := tracker.epoch_average()) is not None:
             cosines[epoch] = matrix.tolist()
-            mlflow.log_dict({"tasks": tasks.names, "epoch": epoch, "cosine": cosines[epoch]},
-                            f"task_relations/gradient_cosine_epoch_{epoch:03d}.json")  # fmt: skip
-        torch.save(
-            {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "weighting": weighting.state_dict()},
-            files.checkpoint,
-        )
         if row["val/mean/accuracy"] > best[0]:
-            best = (row["val/mean/accuracy"], epoch)
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, files.weights)
+            best, best_weights = (row["val/mean/accuracy"], epoch), _cpu_state(model)
+            save_file(best_weights, files.weights)
+        save_checkpoint(epoch, None)  # before the metrics: a kill in between is caught up on resume
+        fault_point("train.after_epoch_checkpoint")
+        _log_epoch(row, cosines, tasks.names)
         log.info(
             "epoch %d/%d: train loss %.3f, val mean accuracy %.3f (%s), %.1f images/s",
             epoch, cfg.train.epochs, row["train/mean/loss"], row["val/mean/accuracy"],
-            ", ".join(f"{t} {s['accuracy']:.3f}" for t, s in val_stats.items()), images / seconds,
+            ", ".join(f"{t} {s['accuracy']:.3f}" for t, s in val_stats.items()), row["train/images_per_second"],
         )  # fmt: skip
 
+    if not history:
+        raise RuntimeError("train: no epoch was trained")
+    total_images, total_seconds = totals["images"], totals["seconds"]
     throughput = total_images / total_seconds if total_seconds else 0.0
     print(f"train: {throughput:.1f} images/s on {device} ({total_images} images in {total_seconds:.1f} s)")
+    torch.save(
+        {"epoch": cfg.train.epochs, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "weighting": weighting.state_dict()},
+        files.checkpoint,
+    )
     frame = pd.DataFrame(history)
     frame.to_csv(files.history, index=False, quoting=csv.QUOTE_MINIMAL)
     plot_history(frame, tasks.names, files.curves)
@@ -458,6 +425,7 @@ def fit(
         "best_val_mean_accuracy": best[0],
         "images_per_second": throughput,
         "train_seconds": total_seconds,
+        "skipped_steps": totals["skipped"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
         "val": {t: history[best[1] - 1][f"val/{t}/accuracy"] for t in tasks.names},
@@ -466,7 +434,7 @@ def fit(
     mlflow.log_metrics({"train/throughput_images_per_second": throughput, "val/best/mean_accuracy": best[0]})
     write_model_spec(files.spec, cfg, tasks, stem)
     mlflow.log_artifact(str(files.spec), artifact_path="model_spec")
-    return TrainResult(mlflow.active_run().info.run_id, best[1], best[0], throughput)
+    return TrainResult(run_id, best[1], best[0], throughput)
 
 
 def _write_gradient_cosine(out: Path, tasks: list[str], per_epoch: dict[int, list[list[float]]], every: int) -> None:
@@ -483,9 +451,10 @@ def _write_gradient_cosine(out: Path, tasks: list[str], per_epoch: dict[int, lis
     mlflow.log_artifact(str(heatmap), artifact_path="task_relations")
 
 
-def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
-    """Stage `train`: the multi-task model, in a new MLflow run that later stages reopen."""
-    from mtl_core.tracking import experiment_tags, run_name
+def run_train(cfg: PipelineConfig, root: Path, fresh: bool = False) -> TrainResult:
+    """Stage `train`: the multi-task model, in the MLflow run that later stages reopen. After a kill,
+    the rerun resumes the checkpoint in checkpoints/train/ into the same run (`fresh`: start over)."""
+    from mtl_core.tracking import run_name
 
     paths = ProjectPaths(root)
     tasks = TaskSpec.load(paths.tasks_file)
@@ -496,27 +465,48 @@ def run_train(cfg: PipelineConfig, root: Path) -> TrainResult:
 
         validate_groups(cfg.model.task_groups, tasks.names)  # before any run is opened
     exp_id = setup_mlflow(cfg, root)
-    manifest = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)
+    files = ModelFiles.multitask(paths)
+    folder = files.resume.parent
     # named and tagged by its method, so that the runs of a sweep (`dvc exp run --queue -S
     # train.weighting=equal,famo`) line up in the MLflow UI's compare view
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name(cfg)) as run:
+    fp = checkpoint.fingerprint(cfg, paths, None)
+    with training_run(folder, fp, experiment_id=exp_id, run_name=run_name(cfg), fresh=fresh) as (run, resume):
         write_run_info(paths, run.info.run_id, exp_id)
-        log_config_params(cfg)
-        tags = {"mtl.stage": "train", "mtl.kind": "multi_task", "mtl.device": str(select_device(cfg.train.device))}
-        tags.update(experiment_tags(cfg))
-        tags.update(ingested_data_hash(root))
-        if commit := git_commit(root):
-            tags["git_commit"] = commit
-        mlflow.set_tags(tags)
-        with warnings.catch_warnings():  # a local path matches two equivalent MLflow source types
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(manifest, source=str(paths.manifest.resolve()), name=cfg.data.source)
-        mlflow.log_input(dataset, context="training")
-        mlflow.log_artifact(str(paths.data_report), artifact_path="data")
-        if (root / "params.yaml").is_file():
-            mlflow.log_artifact(str(root / "params.yaml"))
+        if not resume.resumed:
+            _start_run_records(cfg, paths, root)
+        fail_orphan_runs(exp_id, "train", keep=checkpoint_run_ids(root))
         if cfg.model.task_groups:
             from mtl_core.training.groups import fit_groups  # it builds on this module
 
-            return fit_groups(cfg, paths, tasks, cfg.model.task_groups)
-        return fit(cfg, paths, tasks, ModelFiles.multitask(paths))
+            result = fit_groups(cfg, paths, tasks, cfg.model.task_groups, fresh=fresh)
+        else:
+            result = fit(cfg, paths, tasks, files, resume=resume)
+    checkpoint.remove(folder)  # finished: nothing left to resume
+    return result
+
+
+def checkpoint_run_ids(root: Path) -> set[str]:
+    from mtl_core.training.runs import recorded_run_ids
+
+    return recorded_run_ids(checkpoint.checkpoints_root(root))
+
+
+def _start_run_records(cfg: PipelineConfig, paths: ProjectPaths, root: Path) -> None:
+    """What a new multi-task run records once: params, tags, the dataset, the data report, params.yaml."""
+    from mtl_core.tracking import experiment_tags
+
+    manifest = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)
+    log_config_params(cfg)
+    tags = {"mtl.stage": "train", "mtl.kind": "multi_task", "mtl.device": str(select_device(cfg.train.device))}
+    tags.update(experiment_tags(cfg))
+    tags.update(ingested_data_hash(root))
+    if commit := git_commit(root):
+        tags["git_commit"] = commit
+    mlflow.set_tags(tags)
+    with warnings.catch_warnings():  # a local path matches two equivalent MLflow source types
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(manifest, source=str(paths.manifest.resolve()), name=cfg.data.source)
+    mlflow.log_input(dataset, context="training")
+    mlflow.log_artifact(str(paths.data_report), artifact_path="data")
+    if (root / "params.yaml").is_file():
+        mlflow.log_artifact(str(root / "params.yaml"))

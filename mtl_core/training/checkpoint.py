@@ -1,0 +1,201 @@
+"""Checkpoints that resume a training run exactly, and only into the run that wrote them.
+
+A checkpoint holds everything the next step depends on: model, optimizer and LR schedule, the weighting
+method's state, every random generator the loop draws from (python, numpy, torch, CUDA; the data order
+and the augmentation need none, training.sampler derives them from the seed), the epoch and the step
+within it with that epoch's running statistics, the history so far, the best-on-validation weights, the
+MLflow run id, and a fingerprint of what defines the run. bf16 autocast needs no loss scaler, so there is
+no AMP state to keep.
+
+Where: `checkpoints/<model>/last.pt` under the project root, outside every DVC output (DVC deletes a
+stage's outputs before it reruns the stage; a checkpoint must outlive exactly that), git-ignored. The
+stage deletes its checkpoints once it has finished, so a checkpoint always means "an unfinished run".
+
+Writes are atomic: a temporary file in the same folder, fsync, rename over the old one, fsync of the
+folder. A kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from mtl_core.config import PipelineConfig
+from mtl_core.faults import fault_point
+from mtl_core.paths import ProjectPaths
+from mtl_core.tracking import file_sha256, flatten
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+CHECKPOINTS_DIR = "checkpoints"
+LAST = "last.pt"
+
+NOT_TRAINING = frozenset({
+    "train.num_workers",  # the sampler makes batches and augmentation independent of the workers
+    "train.device",  # a run may continue on another device (float results then differ at rounding level)
+    "train.checkpoint_every_steps", "train.on_nonfinite", "train.max_skipped_steps",
+})  # fmt: skip
+"""Parameters that do not change what a run computes: changing them still resumes."""
+
+
+def checkpoints_root(root: Path) -> Path:
+    return Path(root) / CHECKPOINTS_DIR
+
+
+def code_version() -> str:
+    """sha256 of every mtl_core source file (path and content): a checkpoint of other code is not resumed,
+    committed or not."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def data_fingerprint(paths: ProjectPaths) -> dict[str, str]:
+    """The training data: the ingested manifest and the label / weight caches by content; the image cache
+    by DVC's hash of data/preprocessed where dvc.lock has one, else by content (hashing it is the only
+    costly part, and under `dvc repro` it is skipped)."""
+    out: dict[str, str] = {}
+    if paths.manifest.is_file():
+        out["manifest"] = file_sha256(paths.manifest)
+    for split in ("train", "val"):
+        for name, path in (("labels", paths.labels_cache(split)), ("weights", paths.weights_cache(split))):
+            if path.is_file():
+                out[f"{split}_{name}"] = file_sha256(path)
+    lock = paths.root / "dvc.lock"
+    dvc_md5 = None
+    if lock.is_file():
+        for entry in ((yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("preprocess", {}).get("outs", [])):
+            if entry.get("path") == "data/preprocessed":
+                dvc_md5 = entry.get("md5")
+    for split in ("train", "val"):
+        path = paths.images_cache(split)
+        if path.is_file():
+            out[f"{split}_images"] = f"dvc:{dvc_md5}:{path.stat().st_size}" if dvc_md5 else file_sha256(path)
+    return out
+
+
+def training_params(cfg: PipelineConfig) -> dict[str, str]:
+    """The parameters that define what a training run computes, flattened to `section.key: json`."""
+    sections = cfg.model_dump(mode="json", include={"model", "train", "preprocess"})
+    return {k: json.dumps(v, sort_keys=True) for k, v in flatten(sections).items() if k not in NOT_TRAINING}
+
+
+def fingerprint(cfg: PipelineConfig, paths: ProjectPaths, label_columns: list[int] | None) -> dict[str, Any]:
+    return {
+        "params": training_params(cfg),
+        "label_columns": list(label_columns) if label_columns is not None else None,
+        "data": data_fingerprint(paths),
+        "code": code_version(),
+        "torch": str(torch.__version__),
+    }
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs, readably: changed parameters by name, else the component (data, code, ...)."""
+    changes = []
+    old_params, new_params = old.get("params", {}), new.get("params", {})
+    for key in sorted(set(old_params) | set(new_params)):
+        if old_params.get(key) != new_params.get(key):
+            changes.append(f"{key}: {old_params.get(key, '(unset)')} -> {new_params.get(key, '(unset)')}")
+    for part in ("label_columns", "data", "code", "torch"):
+        if old.get(part) != new.get(part):
+            changes.append(f"{part} changed")
+    return changes
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random generator the training loop may draw from (dropout, methods without their own)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"])}},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {"key": np.asarray(np_state["state"]["key"], dtype=np.uint64), "pos": np_state["state"]["pos"]}
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """Atomically replace `path` with `state` (temporary file, fsync, rename, fsync of the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fault_point("checkpoint.before_rename")
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def load_resumable(path: Path, expected: dict[str, Any], fresh: bool = False) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it may be resumed: readable, and made by a run with the fingerprint
+    `expected`; otherwise None, with one log line saying why (never a silent resume into another
+    configuration, nor a silent restart)."""
+    if not path.parent.is_dir():
+        return None
+    _remove_stale_temporaries(path)  # a write that was killed before its rename
+    if not path.is_file():
+        return None
+    if fresh:
+        log.info("train: --fresh: ignoring the checkpoint %s", path)
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a file from elsewhere or of an older format: never trusted, never fatal
+        log.warning("train: ignoring the unreadable checkpoint %s (%s); starting over", path, err)
+        return None
+    if state.get("format") != FORMAT:
+        log.warning("train: ignoring the checkpoint %s of format %s (this code writes %s); starting over", path, state.get("format"), FORMAT)
+        return None
+    if state.get("fingerprint") != expected:
+        changes = fingerprint_diff(state.get("fingerprint", {}), expected)
+        log.warning(
+            "train: ignoring the checkpoint %s (epoch %s, step %s): it was made with other settings (%s); starting over",
+            path, state.get("epoch"), state.get("step"), "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""),
+        )  # fmt: skip
+        return None
+    return state
+
+
+def remove(path: Path) -> None:
+    """Delete a finished run's checkpoint folder (and an empty parent)."""
+    import shutil
+
+    shutil.rmtree(path.parent, ignore_errors=True)
