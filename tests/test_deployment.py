@@ -87,3 +87,58 @@ def test_deployment_schedule_round_trips_through_the_server(prefect_server):
     assert result["name"] == f"mtl-pipeline/{schedule['deployment']}"
     assert result["schedules"] == [{"cron": schedule["cron"], "timezone": schedule["timezone"], "active": True}]
     assert result["parameters"] == {"project_dir": str(REPO_ROOT)}
+
+
+def _flow_runs(url: str, deployment: str) -> list[dict]:
+    """The flow runs of `deployment`, read from the server's REST API."""
+    body = json.dumps({"deployments": {"name": {"any_": [deployment]}}}).encode()
+    request = urllib.request.Request(f"{url}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.timeout(600)
+def test_a_served_deployment_runs_its_scheduled_flow_to_completion(prefect_server, tmp_path: Path):
+    """What a user does: `python -m flows.deployment` against a server, with a schedule due within a
+    minute; the server's scheduler creates the run, the served deployment picks it up and runs the
+    pipeline, and `prefect deployment ls` / `prefect flow-run ls` show both."""
+    from tests.conftest import copy_working_tree, write_params
+
+    url, env = prefect_server
+    env = {**env, "PREFECT_API_URL": url}
+    clone = copy_working_tree(tmp_path / "repo")
+    write_params(clone, {"train": {"epochs": 1, "task_affinity_every": 0},
+                         "schedule": {"deployment": "every-minute", "cron": "* * * * *"}})  # fmt: skip
+    log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen([sys.executable, "-m", "flows.deployment"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, runs = time.monotonic() + 480, []
+        while time.monotonic() < deadline:
+            runs = _flow_runs(url, "every-minute")
+            if any(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED") for r in runs):
+                break
+            assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            time.sleep(5)
+        done = [r for r in runs if r["state"]["type"] == "COMPLETED"]
+        assert done, [(r["name"], r["state"]["type"]) for r in runs] + [(tmp_path / "serve.log").read_text()[-4000:]]
+        run = done[0]
+        assert run["auto_scheduled"] is True  # made by the server's scheduler, not by hand
+        assert run["expected_start_time"].split(":")[-1].startswith("00")  # on a minute of the cron
+        registry = json.loads((clone / "reports" / "registry.json").read_text())
+        assert registry["version"] == "1"  # the pipeline ran to its last stage
+
+        prefect, wide = str(Path(sys.executable).parent / "prefect"), {**env, "COLUMNS": "250"}  # no cut names
+        listed = subprocess.run([prefect, "deployment", "ls"], env=wide, capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0 and "mtl-pipeline/every-minute" in listed.stdout, listed.stdout + listed.stderr
+        flow_runs = subprocess.run(
+            [prefect, "flow-run", "ls", "--state-type", "COMPLETED", "-o", "json"], env=wide, capture_output=True, text=True, timeout=120
+        )
+        assert flow_runs.returncode == 0, flow_runs.stdout + flow_runs.stderr
+        assert run["id"] in [r["id"] for r in json.loads(flow_runs.stdout)]
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        log.close()
