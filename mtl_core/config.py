@@ -335,8 +335,9 @@ class RegisterConfig(_Strict):
 
     min_mean_accuracy: Float = Field(
         0.0, ge=0, le=1, allow_inf_nan=False,
-        description="A new version becomes champion only with a mean test accuracy above chance on every "
-        "task and at least this; below, it is registered but the alias stays.",
+        description="A new version becomes champion only above chance (summed correct test answers over the "
+        "tasks against always answering each task's majority class) and with a mean test accuracy of at "
+        "least this; below, it is registered but the alias stays.",
     )  # fmt: skip
 
 
