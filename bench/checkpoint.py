@@ -23,7 +23,7 @@ import torch
 from mtl_core.losses import TaskLoss
 from mtl_core.models import build_model
 from mtl_core.training import checkpoint
-from mtl_core.training.device import select_device
+from mtl_core.runtime import select_device
 from mtl_core.weighting import StepContext, build_weighting
 
 NUM_CLASSES = {"shape": 5, "color": 6, "size": 3, "position": 4}

@@ -63,7 +63,7 @@ def run_method(workdir: Path, method: str, seeds: list[int]) -> list[dict]:
     from mtl_core.paths import ProjectPaths
     from mtl_core.tasks import TaskSpec
     from mtl_core.training.baselines import fit_and_score, single_task_config
-    from mtl_core.training.device import select_device
+    from mtl_core.runtime import select_device
 
     base = load_config(workdir / "params.yaml")
     paths = ProjectPaths(workdir)

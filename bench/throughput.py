@@ -25,7 +25,7 @@ from mtl_core.config import load_config
 from mtl_core.data.dataset import CachedMultiTaskDataset
 from mtl_core.losses import task_losses
 from mtl_core.models import build_model
-from mtl_core.training.device import autocast, select_device
+from mtl_core.runtime import autocast, select_device
 from mtl_core.transforms import train_transform
 from mtl_core.weighting import StepContext, build_weighting
 

@@ -71,7 +71,7 @@ def train_and_score(workdir: Path, label: str, single: str | None, subset: list[
     from mtl_core.paths import ProjectPaths
     from mtl_core.tasks import TaskSpec
     from mtl_core.training.baselines import single_task_config
-    from mtl_core.training.device import select_device
+    from mtl_core.runtime import select_device
     from mtl_core.training.train import ModelFiles, fit
 
     cfg = load_config(workdir / "params.yaml")

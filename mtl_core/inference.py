@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mtl_core.models.architectures import MultiTaskModel
-from mtl_core.training.device import autocast
+from mtl_core.runtime import autocast
 
 
 @torch.no_grad()

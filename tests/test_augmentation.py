@@ -13,7 +13,7 @@ import torch
 from mtl_core.config import AugmentStep, load_config
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
-from mtl_core.training.device import seed_everything
+from mtl_core.runtime import seed_everything
 from mtl_core.training.train import make_loaders
 
 

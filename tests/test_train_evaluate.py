@@ -17,7 +17,7 @@ from mtl_core.config import load_config
 from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
 from mtl_core.tracking import read_run_info, tracking_uri
-from mtl_core.training.device import seed_everything
+from mtl_core.runtime import seed_everything
 from mtl_core.training.train import make_loaders, validate
 
 TASKS = ["shape", "color", "size", "position"]

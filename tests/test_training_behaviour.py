@@ -19,7 +19,7 @@ from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.tracking import setup_mlflow
-from mtl_core.training.device import seed_everything
+from mtl_core.runtime import seed_everything
 from mtl_core.training.train import ModelFiles, fit, make_loaders, train_one_epoch, validate
 from mtl_core.weighting import build_weighting
 

@@ -32,7 +32,7 @@ from mtl_core.models.io import load_model  # noqa: E402
 from mtl_core.paths import ProjectPaths  # noqa: E402
 from mtl_core.tasks import MISSING_LABEL  # noqa: E402
 from mtl_core.tracking import model_run  # noqa: E402
-from mtl_core.training.device import select_device  # noqa: E402
+from mtl_core.runtime import select_device  # noqa: E402
 from mtl_core.transforms import eval_transform  # noqa: E402
 
 log = logging.getLogger(__name__)

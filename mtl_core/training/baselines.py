@@ -26,7 +26,7 @@ from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.tracking import git_commit, ingested_data_hash, setup_mlflow
 from mtl_core.training import checkpoint
-from mtl_core.training.device import select_device
+from mtl_core.runtime import select_device
 from mtl_core.training.runs import Resume, fail_orphan_runs, recorded_run_ids, training_run
 from mtl_core.training.train import ModelFiles, fit, log_config_params
 

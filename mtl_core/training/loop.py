@@ -22,7 +22,7 @@ from mtl_core.evaluation.task_relations import GradientCosineTracker
 from mtl_core.losses import TaskLoss
 from mtl_core.models import MultiTaskModel
 from mtl_core.tasks import MISSING_LABEL
-from mtl_core.training.device import autocast
+from mtl_core.runtime import autocast
 from mtl_core.weighting import LossWeighting, StepContext
 
 LOG_EVERY_STEPS = 25

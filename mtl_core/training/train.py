@@ -36,7 +36,7 @@ from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.tracking import flatten, git_commit, ingested_data_hash, setup_mlflow, write_run_info
 from mtl_core.training import checkpoint
-from mtl_core.training.device import select_device, seed_everything
+from mtl_core.runtime import select_device, seed_everything
 from mtl_core.training.loop import EpochProgress, EpochStats, NonFiniteError, train_one_epoch  # noqa: F401  (NonFiniteError: the error training stops with)
 from mtl_core.training.runs import Resume, fail_orphan_runs, training_run
 from mtl_core.training.sampler import ResumableSampler

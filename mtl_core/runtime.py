@@ -1,4 +1,5 @@
-"""Device choice and mixed precision: cuda, then mps, then cpu; bf16 autocast on CUDA only."""
+"""The runtime below training, evaluation and inference: the device (cuda, then mps, then cpu), bf16
+autocast on CUDA, seeding."""
 
 from __future__ import annotations
 
