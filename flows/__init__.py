@@ -1,7 +1,10 @@
 """Prefect flows over the pipeline's stages.
 
 Prefect must run offline: no analytics, no telemetry. These defaults are set before Prefect is
-imported anywhere in this package; an explicit environment setting still wins.
+imported anywhere in this package; an explicit environment setting still wins. They repeat
+prefect.toml, which covers every `prefect ...` command started in the project folder (`prefect server
+start`, `prefect deploy`, workers); these cover a flow started from elsewhere (tests/test_prefect_config.py
+checks that the two agree).
 """
 
 import os as _os

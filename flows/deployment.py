@@ -5,7 +5,8 @@ Schedule and name come from params.yaml (`schedule:`). Serve it with
     uv run python -m flows.deployment
 
 which registers the deployment with the Prefect API (PREFECT_API_URL, e.g. a `prefect server start`)
-and runs the flow on its cron schedule until stopped.
+and runs the flow on its cron schedule until stopped. prefect.yaml registers the same flow for a worker
+of a process work pool instead (README, "Prefect: scheduled retraining").
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import flows  # noqa: F401  (offline Prefect settings, before Prefect is importe
 from pathlib import Path
 
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
 
@@ -29,6 +31,9 @@ def build_deployment(project_dir: Path = PROJECT_ROOT) -> RunnerDeployment:
         schedule=CronSchedule(cron=cfg.cron, timezone=cfg.timezone),
         parameters={"project_dir": str(project_dir)},
         tags=["mtl-pipeline", "retrain"],
+        # one run at a time: a run due while the last one still runs is cancelled, not started beside it
+        # (two `dvc repro` in one checkout fight over its lock and outputs)
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
         description="Retrain, evaluate and register the multi-task model on a timetable.",
     )
 

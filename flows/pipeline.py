@@ -2,7 +2,8 @@
 
 Each task runs its stage through DVC (`dvc repro --single-item <stage>`), so a flow run and `dvc repro`
 share one record of what has been computed (dvc.lock and the DVC cache): an unchanged stage is skipped
-by either, and `dvc status` is clean after either.
+by either (here: task state `Skipped`), and `dvc status` is clean after either. The stage's output goes
+to the run log line by line while it runs.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 from mtl_core.pipeline import STAGES
 
@@ -25,23 +28,51 @@ METRICS_ARTIFACT_KEY = "per-task-test-metrics"
 
 
 def _stage_env() -> dict[str, str]:
-    """The stage commands (`mtl ...`) live next to this interpreter: put them first on PATH."""
+    """The stage commands (`mtl ...`) live next to this interpreter: put them first on PATH. Unbuffered,
+    so that each line a stage prints reaches the pipe, and the run log, when it is printed."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def run_dvc_stage(stage: str, project_dir: Path) -> str:
+# What `dvc repro` prints for a stage it does not run: up to date (dvc.lock matches), or restored from
+# DVC's run cache (this same code, params and data ran before).
+_UP_TO_DATE = "didn't change, skipping"
+_RESTORED = "is cached - skipping run"
+SKIPPED = "Skipped"
+"""The state name of a stage task that DVC did not run (state type COMPLETED, like Prefect's Cached)."""
+
+
+def run_dvc_stage(stage: str, project_dir: Path) -> State:
+    """`dvc repro --single-item <stage>`, each output line logged as the stage prints it (a long training
+    shows its epochs live in the Prefect UI); a stage DVC skipped ends in state `Skipped`."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     logger.info("running %s in %s", " ".join(cmd[2:]), project_dir)
-    proc = subprocess.run(cmd, cwd=project_dir, env=_stage_env(), capture_output=True, text=True)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
+    proc = subprocess.Popen(
+        cmd, cwd=project_dir, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, errors="replace", bufsize=1,
+    )  # fmt: skip
+    skipped = None
+    assert proc.stdout is not None
+    with proc.stdout:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if not line.strip():
+                continue
             logger.info(line)
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage!r} failed (dvc exit code {proc.returncode}); see the log above")
-    return proc.stdout
+            if _UP_TO_DATE in line:
+                skipped = "DVC: the stage is up to date (dvc.lock), not run"
+            elif _RESTORED in line:
+                skipped = "DVC: the stage ran before with these deps and params; outputs restored from the run cache"
+    returncode = proc.wait()
+    if returncode != 0:
+        raise RuntimeError(f"stage {stage!r} failed (dvc exit code {returncode}); see the log above")
+    if skipped:
+        logger.info("stage %s skipped: %s", stage, skipped)
+        return Completed(name=SKIPPED, message=skipped)
+    return Completed(message=f"stage {stage} ran")
 
 
 # Retries where a failure can be transient: reading the data source (network storage) and talking to the
@@ -50,10 +81,15 @@ def run_dvc_stage(stage: str, project_dir: Path) -> str:
 # preprocess is a bug or bad data, and is not retried.
 _RETRIES = {"ingest": 2, "train": 1, "baselines": 1, "all_in_one": 1, "evaluate": 2, "register": 3, "compare": 2}
 
-stage_tasks = {
-    name: task(name=name, retries=_RETRIES.get(name, 0), retry_delay_seconds=10, log_prints=True)(run_dvc_stage)
-    for name in STAGES
-}
+
+def stage_task(name: str) -> Task[[str, Path], State]:
+    """The Prefect task of one stage. No Prefect cache: DVC alone decides whether a stage runs."""
+    return task(
+        name=name, retries=_RETRIES.get(name, 0), retry_delay_seconds=10, log_prints=True, cache_policy=NO_CACHE
+    )(run_dvc_stage)
+
+
+stage_tasks = {name: stage_task(name) for name in STAGES}
 
 
 @task(name="publish-metrics")
@@ -88,8 +124,16 @@ def publish_metrics(project_dir: Path) -> list[dict[str, object]]:
 def mtl_pipeline(project_dir: str = str(PROJECT_ROOT)) -> list[dict[str, object]]:
     """Every stage of dvc.yaml in order, each through DVC, then publish the per-task metrics."""
     root = Path(project_dir).resolve()
+    skipped = []
     for name in STAGES:
-        stage_tasks[name](name, root)
+        state = stage_tasks[name](name, root, return_state=True)
+        state.result()  # a failed stage (after its retries) fails the flow here
+        if state.name == SKIPPED:
+            skipped.append(name)
+    get_run_logger().info(
+        "stages run: %s; skipped by DVC (up to date): %s",
+        ", ".join(n for n in STAGES if n not in skipped) or "none", ", ".join(skipped) or "none",
+    )
     return publish_metrics(root)
 
 

@@ -8,7 +8,9 @@ option they do not take (the allowed ones listed), a boolean for an integer and 
 
 from __future__ import annotations
 
+import codecs
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -64,11 +66,42 @@ class BuiltinDataConfig(_Strict):
     seed: Int = Field(0, ge=0)
 
 
+_EMPTY_SPLIT = {
+    "train": "there would be nothing to train on",
+    "val": "training keeps the weights of the epoch that scores best on val, and writes no model without it",
+    "test": "evaluate scores the model on test",
+}
+
+
 class SplitConfig(_Strict):
-    train: Float = Field(0.7, gt=0, lt=1)
-    val: Float = Field(0.15, ge=0, lt=1)
-    test: Float = Field(0.15, gt=0, lt=1)
+    train: Float = Field(0.7, lt=1)
+    val: Float = Field(0.15, lt=1)
+    test: Float = Field(0.15, lt=1)
     seed: Int = 42
+    group_column: str | None = Field(
+        None,
+        description="A manifest column (a person, patient, product id): all rows of a group go to one split, "
+        "stratified on the labels as well as the groups allow. Not a task.",
+    )
+
+    @field_validator("train", "val", "test")
+    @classmethod
+    def _not_empty(cls, v: float, info: ValidationInfo) -> float:
+        if v <= 0:
+            raise ValueError(f"must be above 0, or the {info.field_name} split is empty: {_EMPTY_SPLIT[info.field_name]}")
+        return v
+
+    @field_validator("group_column")
+    @classmethod
+    def _group_column_name(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip()
+        if not v:
+            raise ValueError("must be a column name or null")
+        if v in ("path", "split"):
+            raise ValueError(f"'{v}' is the manifest's {'image' if v == 'path' else 'split'} column, not a group column")
+        return v
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -96,6 +129,32 @@ class DataConfig(_Strict):
         None,
         description="Optional numeric, non-negative manifest column (not a task) weighting each sample's loss.",
     )
+    encoding: str = Field(
+        "auto",
+        description="The manifest CSV's text encoding (a Python codec name: latin-1, cp1252, utf-16, ...); "
+        "auto: a byte-order mark, UTF-16 without one, else UTF-8 (mtl_core/data/manifest.py).",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        v = v.strip()
+        if v == "auto":
+            return v
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown encoding {v!r}; give a Python codec name (utf-8, latin-1, cp1252, utf-16) or auto") from None
+        return v
+
+    @model_validator(mode="after")
+    def _group_column_is_not_a_task(self) -> DataConfig:
+        group = self.split.group_column
+        if group is not None and group in self.tasks:
+            raise ValueError(f"split.group_column '{group}' is also in tasks: a group column is not a task")
+        if group is not None and group == self.sample_weight_column:
+            raise ValueError(f"split.group_column '{group}' is also the sample_weight_column")
+        return self
 
     @field_validator("sample_weight_column")
     @classmethod
@@ -233,6 +292,29 @@ class ModelConfig(_Strict):
 ClassWeights = dict[str, dict[str, float]]
 
 
+class DistributedConfig(_Strict):
+    """`train.distributed`: how many processes train one model (DistributedDataParallel via torchrun)."""
+
+    nproc_per_node: Int = Field(
+        1, ge=1,
+        description="Processes on this machine (one per GPU); above 1 `mtl train` starts them through "
+        "torchrun. Started by hand (`torchrun ... -m mtl_core.cli train`), torchrun's own flags decide.",
+    )  # fmt: skip
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: NCCL on CUDA, gloo on CPU.")
+    sync_batchnorm: bool = Field(
+        True,
+        description="On CUDA, BatchNorm statistics over the global batch (SyncBatchNorm), so N processes "
+        "compute what one would; CPU keeps per-process statistics (PyTorch's SyncBatchNorm is CUDA-only).",
+    )
+
+
+def auto_num_workers(nproc: int = 1) -> int:
+    """DataLoader workers per training process: the machine's cores shared by the processes, one core
+    left for the training process itself, at most 8 (more rarely pays with memory-mapped uint8 images)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, nproc) - 1))
+
+
 class TrainConfig(_Strict):
     epochs: Int = Field(5, ge=1)
     batch_size: Int = Field(128, ge=1)
@@ -242,7 +324,9 @@ class TrainConfig(_Strict):
     weighting_options: dict[str, Any] = Field(default_factory=dict)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     amp: bool = True
-    num_workers: Int = Field(2, ge=0)
+    num_workers: Int | Literal["auto"] = Field(
+        "auto", description="DataLoader workers per process; auto: the cores per process minus one, at most 8."
+    )
     seed: Int = 0
     max_steps_per_epoch: Int | None = Field(None, ge=1)
     class_weights: Literal["none", "inverse_frequency"] | ClassWeights = Field(
@@ -283,6 +367,18 @@ class TrainConfig(_Strict):
     max_skipped_steps: Int = Field(
         10, ge=0, description="With on_nonfinite: skip, stop once more than this many batches were skipped."
     )
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_not_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"must be >= 0 or 'auto', got {v}")
+        return v
+
+    def workers(self, nproc: int = 1) -> int:
+        """`num_workers` resolved: 'auto' from the cores (auto_num_workers)."""
+        return auto_num_workers(nproc) if self.num_workers == "auto" else int(self.num_workers)
 
     @field_validator("weighting")
     @classmethod

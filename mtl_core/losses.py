@@ -27,6 +27,7 @@ def weighted_cross_entropy(
     sample_weights: Tensor | None = None,
     class_weights: Tensor | None = None,
     label_smoothing: float = 0.0,
+    denominator: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy of one task, a weighted mean over the samples labelled for it.
 
@@ -44,6 +45,10 @@ def weighted_cross_entropy(
     A sample outside L, or with s_i = 0, gets exactly zero gradient. When the denominator is 0 (no
     labelled sample in the batch, or all their weights are 0) the loss is 0, still part of the graph.
     Computed in float32 (logits may come from bf16 autocast).
+
+    `denominator` replaces sum_{i in L} s_i c_{y_i}: a distributed rank passes the global batch's
+    denominator / world size, so that the mean of the ranks' losses (and DDP's mean of their gradients)
+    is exactly the loss of the global batch, however its labelled samples fall on the ranks.
     """
     logits = logits.float()
     labelled = targets != MISSING_LABEL
@@ -54,9 +59,19 @@ def weighted_cross_entropy(
         logits, targets, weight=class_weights, ignore_index=MISSING_LABEL, label_smoothing=label_smoothing, reduction="none"
     )  # 0 where the label is missing
     numerator = (s * r).sum()
-    denominator = (s * class_weights[targets.clamp_min(0)]).sum() if class_weights is not None else s.sum()
+    if denominator is None:
+        denominator = loss_denominator(targets, sample_weights, class_weights)
     positive = denominator > 0
     return torch.where(positive, numerator / torch.where(positive, denominator, 1.0), numerator * 0.0)
+
+
+def loss_denominator(targets: Tensor, sample_weights: Tensor | None = None, class_weights: Tensor | None = None) -> Tensor:
+    """sum over the labelled samples of s_i * c_{y_i}: what `weighted_cross_entropy` divides by."""
+    labelled = targets != MISSING_LABEL
+    s = labelled.float() if sample_weights is None else torch.where(labelled, sample_weights.float(), 0.0)
+    if class_weights is None:
+        return s.sum()
+    return (s * class_weights.to(device=s.device, dtype=torch.float32)[targets.clamp_min(0)]).sum()
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -143,9 +158,21 @@ class TaskLoss:
         self.class_weights = {t: None if w is None else w.to(device) for t, w in self.class_weights.items()}
         return self
 
-    def __call__(self, logits: Mapping[str, Tensor], targets: Tensor, weights: Tensor | None = None) -> dict[str, Tensor]:
-        """{task: loss} for logits per task, stacked targets (N, K) in task order and sample weights (N,)."""
+    def denominators(self, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+        """(K,) float32: each task's loss denominator over this batch (see `loss_denominator`)."""
+        return torch.stack([
+            loss_denominator(targets[:, k], weights, self.class_weights[t]) for k, t in enumerate(self.task_names)
+        ])  # fmt: skip
+
+    def __call__(
+        self, logits: Mapping[str, Tensor], targets: Tensor, weights: Tensor | None = None, denominators: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """{task: loss} for logits per task, stacked targets (N, K) in task order and sample weights (N,);
+        `denominators` (K,): given instead of this batch's own (distributed training)."""
         return {
-            t: weighted_cross_entropy(logits[t], targets[:, k], weights, self.class_weights[t], self.label_smoothing)
+            t: weighted_cross_entropy(
+                logits[t], targets[:, k], weights, self.class_weights[t], self.label_smoothing,
+                None if denominators is None else denominators[k],
+            )  # fmt: skip
             for k, t in enumerate(self.task_names)
         }

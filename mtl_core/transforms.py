@@ -58,9 +58,21 @@ def _normalize(cfg: PreprocessConfig) -> list[A.BasicTransform]:
     return [A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=255.0), ToTensorV2()]
 
 
-def train_transform(cfg: PreprocessConfig) -> A.Compose:
+def train_transform(cfg: PreprocessConfig, normalize: bool = True) -> A.Compose:
+    """The augmentation of params.yaml, then normalisation; `normalize=False` stops at a uint8 CHW
+    tensor, which the train loop normalises on the device (`normalize_on_device`): a quarter of the
+    bytes through the DataLoader's workers, pinned memory and the host-to-device copy."""
     steps: Sequence[A.BasicTransform] = [_build_step(i, s) for i, s in enumerate(cfg.augment)]
-    return A.Compose([*steps, *_normalize(cfg)])
+    return A.Compose([*steps, *(_normalize(cfg) if normalize else [ToTensorV2()])])
+
+
+def normalize_on_device(x: "torch.Tensor", mean: Sequence[float], std: Sequence[float]) -> "torch.Tensor":
+    """uint8 (N, 3, H, W) on the device -> float32 (x / 255 - mean) / std, as A.Normalize computes it."""
+    import torch
+
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - m) / s
 
 
 def eval_transform(cfg: PreprocessConfig) -> A.Compose:

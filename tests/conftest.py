@@ -122,3 +122,58 @@ def stage_env(root: Path) -> dict[str, str]:
     env["PREFECT_HOME"] = str(root / ".prefect-home")
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"
     return env
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a server or worker a test started: SIGTERM, so it shuts down cleanly, then SIGKILL if it has
+    not exited within `timeout` seconds (a hung server must not outlive its test)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `prefect server start` on 127.0.0.1 (its own database), shared by a module's tests (a
+    start takes 10-30 s on 2 cores), stopped after them. Yields (API URL, environment for clients).
+    Started in the repository root, so it reads the project's prefect.toml as a user's server does."""
+    import sys
+    import time
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port, env = free_port(), stage_env(home)
+    log_path = home / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}/api"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("Prefect server did not start:\n" + log_path.read_text()[-3000:])
+                time.sleep(1)
+            yield url, env
+        finally:
+            stop_process(proc)

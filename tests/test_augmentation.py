@@ -23,9 +23,26 @@ def with_augment(cfg, steps: list[dict]):
 
 
 def to_uint8(x: torch.Tensor, cfg) -> np.ndarray:
-    """A normalised (3, H, W) training tensor back to the (H, W, 3) image in 0..255."""
+    """A (3, H, W) training sample as the (H, W, 3) image in 0..255: the train loader yields uint8
+    (normalised on the device by the step loop); a normalised tensor is mapped back."""
+    if x.dtype == torch.uint8:
+        return x.permute(1, 2, 0).numpy().astype(np.float64)
     mean, std = np.array(cfg.preprocess.mean), np.array(cfg.preprocess.std)
     return (x.permute(1, 2, 0).numpy() * std + mean) * 255.0
+
+
+def test_the_train_loader_yields_uint8_that_the_loop_normalises_as_evaluation_does(trained_project: Path) -> None:
+    """A training sample is the uint8 image (a quarter of the bytes through workers and the copy to the
+    device); normalised on the device it equals the evaluation transform's tensor of the same image."""
+    from mtl_core.transforms import eval_transform, normalize_on_device
+
+    cfg = with_augment(load_config(trained_project / "params.yaml"), [])
+    paths = ProjectPaths(trained_project)
+    x = make_loaders(cfg, paths, seed_everything(0), torch.device("cpu"))["train"].dataset[3][0]
+    assert x.dtype == torch.uint8 and x.shape[0] == 3
+    expected = eval_transform(cfg.preprocess)(image=np.load(paths.images_cache("train"))[3])["image"]
+    got = normalize_on_device(x[None], cfg.preprocess.mean, cfg.preprocess.std)[0]
+    assert torch.allclose(got, expected, atol=1e-6)
 
 
 def test_the_train_loader_applies_every_configured_step_in_order(trained_project: Path) -> None:

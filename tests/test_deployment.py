@@ -1,9 +1,10 @@
-"""The scheduled deployment, registered with a real local Prefect server and read back."""
+"""Prefect on a real local server (127.0.0.1, one per module): the scheduled deployment served and read
+back; the prefect.yaml deployment run by a worker of a process work pool; a flow run's log, streamed
+line by line while a stage runs, and a stage DVC skipped shown as `Skipped`."""
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, stage_env
+from tests.conftest import REPO_ROOT, copy_working_tree, stage_env, stop_process, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -32,47 +33,10 @@ APPLY_AND_READ = textwrap.dedent(
             "name": f"{flow.name}/{d.name}",
             "schedules": [{"cron": s.schedule.cron, "timezone": s.schedule.timezone, "active": s.active} for s in d.schedules],
             "parameters": d.parameters,
+            "concurrency": [d.global_concurrency_limit.limit, str(d.concurrency_options.collision_strategy.value)],
         }))
     """
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def prefect_server(tmp_path: Path):
-    port = _free_port()
-    env = stage_env(tmp_path)
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("Prefect server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
-            time.sleep(1)
-        yield url, env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_deployment_schedule_round_trips_through_the_server(prefect_server):
@@ -87,58 +51,241 @@ def test_deployment_schedule_round_trips_through_the_server(prefect_server):
     assert result["name"] == f"mtl-pipeline/{schedule['deployment']}"
     assert result["schedules"] == [{"cron": schedule["cron"], "timezone": schedule["timezone"], "active": True}]
     assert result["parameters"] == {"project_dir": str(REPO_ROOT)}
+    assert result["concurrency"] == [1, "CANCEL_NEW"]  # no second run beside a running one
 
 
-def _flow_runs(url: str, deployment: str) -> list[dict]:
-    """The flow runs of `deployment`, read from the server's REST API."""
-    body = json.dumps({"deployments": {"name": {"any_": [deployment]}}}).encode()
-    request = urllib.request.Request(f"{url}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"})
+def _post(url: str, endpoint: str, body: dict) -> list[dict]:
+    """A filter query of the server's REST API."""
+    request = urllib.request.Request(
+        f"{url}{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as r:
         return json.loads(r.read())
 
 
-@pytest.mark.timeout(600)
-def test_a_served_deployment_runs_its_scheduled_flow_to_completion(prefect_server, tmp_path: Path):
-    """What a user does: `python -m flows.deployment` against a server, with a schedule due within a
-    minute; the server's scheduler creates the run, the served deployment picks it up and runs the
-    pipeline, and `prefect deployment ls` / `prefect flow-run ls` show both."""
-    from tests.conftest import copy_working_tree, write_params
+def _flow_runs(url: str, deployment: str) -> list[dict]:
+    """The flow runs of `deployment`, read from the server's REST API."""
+    return _post(url, "/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}})
 
+
+_ACTIVE = ("PENDING", "RUNNING")
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """What a user does: `python -m flows.deployment` against a server, with a schedule of every minute,
+    until the server's scheduler has made a run and the served deployment has run the pipeline with it.
+    Then the deployment is paused and the server drained of its runs before serve stops, so no run of it
+    is left running in the clone, which the worker test reuses (its pipeline then has little to do)."""
     url, env = prefect_server
     env = {**env, "PREFECT_API_URL": url}
+    tmp_path = tmp_path_factory.mktemp("served")
     clone = copy_working_tree(tmp_path / "repo")
     write_params(clone, {"train": {"epochs": 1, "task_affinity_every": 0},
                          "schedule": {"deployment": "every-minute", "cron": "* * * * *"}})  # fmt: skip
-    log = open(tmp_path / "serve.log", "w")
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
     serve = subprocess.Popen([sys.executable, "-m", "flows.deployment"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
+    start = time.monotonic()
     try:
         deadline, runs = time.monotonic() + 480, []
         while time.monotonic() < deadline:
             runs = _flow_runs(url, "every-minute")
             if any(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED") for r in runs):
                 break
-            assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            assert serve.poll() is None, log_path.read_text()[-4000:]
             time.sleep(5)
         done = [r for r in runs if r["state"]["type"] == "COMPLETED"]
-        assert done, [(r["name"], r["state"]["type"]) for r in runs] + [(tmp_path / "serve.log").read_text()[-4000:]]
-        run = done[0]
-        assert run["auto_scheduled"] is True  # made by the server's scheduler, not by hand
-        assert run["expected_start_time"].split(":")[-1].startswith("00")  # on a minute of the cron
-        registry = json.loads((clone / "reports" / "registry.json").read_text())
-        assert registry["version"] == "1"  # the pipeline ran to its last stage
-
-        prefect, wide = str(Path(sys.executable).parent / "prefect"), {**env, "COLUMNS": "250"}  # no cut names
-        listed = subprocess.run([prefect, "deployment", "ls"], env=wide, capture_output=True, text=True, timeout=120)
-        assert listed.returncode == 0 and "mtl-pipeline/every-minute" in listed.stdout, listed.stdout + listed.stderr
-        flow_runs = subprocess.run(
-            [prefect, "flow-run", "ls", "--state-type", "COMPLETED", "-o", "json"], env=wide, capture_output=True, text=True, timeout=120
-        )
-        assert flow_runs.returncode == 0, flow_runs.stdout + flow_runs.stderr
-        assert run["id"] in [r["id"] for r in json.loads(flow_runs.stdout)]
+        assert done, [(r["name"], r["state"]["type"]) for r in runs] + [log_path.read_text()[-4000:]]
+        seconds = time.monotonic() - start
+        _patch(url, f"/deployments/{done[0]['deployment_id']}", {"paused": True})
+        while any(r["state"]["type"] in _ACTIVE for r in _flow_runs(url, "every-minute")) and time.monotonic() < deadline:
+            time.sleep(2)
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve)
         log.close()
+    print(f"\nserved deployment: scheduled run completed after {seconds:.0f} s")
+    return {"clone": clone, "run": done[0], "runs": runs, "env": env, "log": log_path}
+
+
+def _patch(url: str, endpoint: str, body: dict) -> None:
+    request = urllib.request.Request(
+        f"{url}{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="PATCH"
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert r.status in (200, 204)
+
+
+@pytest.mark.timeout(600)  # the fixture's served run included
+def test_a_served_deployment_runs_its_scheduled_flow_to_completion(served: dict):
+    """The scheduled run was made by the server's scheduler and ran the whole pipeline; `prefect
+    deployment ls` / `prefect flow-run ls` show both; runs due while one runs are cancelled, not
+    started beside it in the same checkout."""
+    run, env = served["run"], served["env"]
+    assert run["auto_scheduled"] is True  # made by the server's scheduler, not by hand
+    assert run["expected_start_time"].split(":")[-1].startswith("00")  # on a minute of the cron
+    registry = json.loads((served["clone"] / "reports" / "registry.json").read_text())
+    assert registry["version"] == "1"  # the pipeline ran to its last stage
+    overlapping = [r for r in served["runs"] if r["state"]["type"] != "SCHEDULED" and r["id"] != run["id"]]
+    assert all(r["state"]["type"] == "CANCELLED" for r in overlapping), [(r["name"], r["state"]) for r in overlapping]
+
+    prefect, wide = str(Path(sys.executable).parent / "prefect"), {**env, "COLUMNS": "250"}  # no cut names
+    listed = subprocess.run([prefect, "deployment", "ls"], env=wide, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "mtl-pipeline/every-minute" in listed.stdout, listed.stdout + listed.stderr
+    flow_runs = subprocess.run(
+        [prefect, "flow-run", "ls", "--state-type", "COMPLETED", "-o", "json"], env=wide, capture_output=True, text=True, timeout=120
+    )
+    assert flow_runs.returncode == 0, flow_runs.stdout + flow_runs.stderr
+    completed = _post(env["PREFECT_API_URL"], "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+    assert run["id"] in [r["id"] for r in json.loads(flow_runs.stdout)], (flow_runs.stdout, flow_runs.stderr, [(r["id"], r["name"]) for r in completed])
+
+
+def _flow_run_logs(url: str, flow_run_id: str) -> list[dict]:
+    """Every log record of a flow run (its tasks' included), oldest first, as the server stored them."""
+    logs: list[dict] = []
+    while True:
+        page = _post(url, "/logs/filter", {
+            "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "offset": len(logs), "limit": 200,
+        })  # fmt: skip
+        logs += page
+        if len(page) < 200:
+            return logs
+
+
+def _task_runs(url: str, flow_run_id: str) -> list[dict]:
+    return _post(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+
+
+@pytest.mark.timeout(600)  # 50 s, once `served` is set up
+def test_a_worker_of_a_process_pool_runs_the_prefect_yaml_deployment(served: dict, tmp_path: Path):
+    """The Prefect 3 way, as the README shows it: a process work pool, `prefect deploy --all` from
+    prefect.yaml, `prefect worker start` in a checkout (MTL_PROJECT_DIR), `prefect deployment run`. The
+    worker runs the flow in that checkout (the served test's, where the pipeline has run: a changed
+    `register` param leaves `register` to run and the other stages to DVC's skip) to completion; each
+    line of a stage's output is a log record of its own; the skipped stages end in state `Skipped`."""
+    clone, url = served["clone"], served["env"]["PREFECT_API_URL"]
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["register"]["min_mean_accuracy"] = 0.01  # a param of `register` only
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**stage_env(clone), "PREFECT_API_URL": url, "COLUMNS": "250"}
+    prefect = str(Path(sys.executable).parent / "prefect")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([prefect, *args], cwd=clone, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        return done
+
+    spec = yaml.safe_load((clone / "prefect.yaml").read_text())["deployments"][0]
+    pool, name = spec["work_pool"]["name"], f"mtl-pipeline/{spec['name']}"
+    cli("work-pool", "create", pool, "--type", "process")
+    cli("--no-prompt", "deploy", "--all")
+    (deployment,) = _post(url, "/deployments/filter", {"deployments": {"name": {"any_": [spec["name"]]}}})
+    assert deployment["work_pool_name"] == pool and deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    assert [(s["schedule"]["cron"], s["schedule"]["timezone"]) for s in deployment["schedules"]] == [("0 3 * * 1", "UTC")]
+
+    log_path = tmp_path / "worker.log"
+    log = open(log_path, "w")
+    # the worker asks for work every 2 s instead of 10, to keep the test short
+    worker_env = {**env, "MTL_PROJECT_DIR": str(clone), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", pool], cwd=clone, env=worker_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        cli("deployment", "run", name)
+        deadline, run = time.monotonic() + 300, None
+        while time.monotonic() < deadline:  # the run made by hand; the schedule's are next Monday's
+            (run,) = [r for r in _flow_runs(url, spec["name"]) if not r["auto_scheduled"]]
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            assert worker.poll() is None, log_path.read_text()[-4000:]
+            time.sleep(2)
+        messages = [r["message"] for r in _flow_run_logs(url, run["id"])]
+        assert run["state"]["type"] == "COMPLETED", (run["state"], messages[-40:], log_path.read_text()[-3000:])
+    finally:
+        stop_process(worker)
+        log.close()
+    assert run["work_pool_name"] == pool
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())  # it ran in the checkout: register's new param
+    assert lock["stages"]["register"]["params"]["params.yaml"]["register"]["min_mean_accuracy"] == 0.01
+    # DVC's lines and the stage's own, each its own record (not one block at the end)
+    assert "Running stage 'register':" in messages and "> mtl register" in messages, messages[:80]
+    assert "Stage 'train' didn't change, skipping" in messages, messages[:80]
+    states = {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in _task_runs(url, run["id"])}
+    assert states.pop("register") == "Completed" and states.pop("publish-metrics") == "Completed", states
+    assert set(states.values()) == {"Skipped"} and len(states) == 7, states
+    assert "stages run: register; skipped by DVC (up to date): ingest, preprocess, train, evaluate, baselines, all_in_one, compare" in messages
+
+
+# A stage that holds until the test has read its first line back from the server: with output logged
+# only when the stage ends, the gate never opens and the stage fails. It prints without flushing, as the
+# pipeline's stages do.
+GATED_STAGE = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    print("gated stage: first line")
+    deadline = time.monotonic() + 40
+    while not pathlib.Path("gate").exists():
+        if time.monotonic() > deadline:
+            sys.exit("gated stage: the gate never opened (first line not on the server while the stage ran)")
+        time.sleep(0.2)
+    print("gated stage: last line")
+    pathlib.Path("out.txt").write_text("done")
+    """
+)
+
+TWICE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from prefect import flow
+    from flows.pipeline import stage_task
+
+    @flow(name="gated-stage-twice")
+    def twice(root: str) -> list[str]:
+        gated = stage_task("gated")  # the second run: DVC finds the stage up to date
+        return [gated("gated", Path(root), return_state=True).name for _ in range(2)]
+
+    print("RESULT", twice(sys.argv[1]))
+    """
+)
+
+
+@pytest.mark.timeout(240)
+def test_stage_output_is_streamed_to_the_run_log_and_a_skipped_stage_says_so(prefect_server, tmp_path: Path):
+    """flows.pipeline's stage task on a real DVC project (git, `dvc init`, one stage) against the server:
+    the stage's first line is on the server while the stage still runs; a second run of the same stage,
+    which DVC skips, ends in state `Skipped` with a log line that says so."""
+    url, _ = prefect_server
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {**stage_env(project), "PREFECT_API_URL": url}
+    env.pop("PYTHONUNBUFFERED", None)  # the stage task must make its stages unbuffered itself
+    (project / "stage.py").write_text(GATED_STAGE)
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"gated": {"cmd": "python stage.py", "deps": ["stage.py"], "outs": ["out.txt"]}}}))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, env=env, check=True)
+    log_path = tmp_path / "flow.log"
+    with open(log_path, "w") as log:
+        flow = subprocess.Popen([sys.executable, "-c", TWICE, str(project)], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline, first = time.monotonic() + 120, None
+            while first is None and time.monotonic() < deadline and flow.poll() is None:
+                found = _post(url, "/logs/filter", {"logs": {"level": {"ge_": 0}}, "sort": "TIMESTAMP_DESC", "limit": 200})
+                first = next((r for r in found if r["message"] == "gated stage: first line"), None)
+                time.sleep(0.5)
+            assert first is not None, log_path.read_text()[-4000:]
+            # read back while the stage still ran
+            assert [t["state"]["type"] for t in _task_runs(url, first["flow_run_id"])] == ["RUNNING"], log_path.read_text()[-4000:]
+            assert not (project / "out.txt").exists()
+            (project / "gate").touch()
+            assert flow.wait(timeout=120) == 0, log_path.read_text()[-4000:]
+        finally:
+            if flow.poll() is None:
+                stop_process(flow)
+    messages = [r["message"] for r in _flow_run_logs(url, first["flow_run_id"])]
+    assert messages.count("gated stage: first line") == 1 and "gated stage: last line" in messages, messages
+    ran, again = _task_runs(url, first["flow_run_id"])
+    assert (ran["state"]["type"], ran["state"]["name"]) == ("COMPLETED", "Completed"), ran["state"]
+    assert (again["state"]["type"], again["state"]["name"]) == ("COMPLETED", "Skipped"), again["state"]
+    assert "up to date" in again["state"]["message"]
+    assert any(m.startswith("stage gated skipped: DVC") for m in messages), messages
+    assert "RESULT ['Completed', 'Skipped']" in log_path.read_text()  # what the pipeline flow reads

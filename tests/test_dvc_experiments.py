@@ -38,7 +38,7 @@ METRICS_FILE = "metrics.json"  # the compare stage's flat metrics, tracked by gi
 # in (`-C`), the ingest stage is up to date there instead of running again
 COPY_PATHS = ["data/ingested"]
 # the README's table of a sweep
-SHOW = ["--hide-workspace", "--drop", ".*", "--keep", "Experiment|train.weighting|delta_m|.*_[ms]tl_accuracy",
+SHOW = ["--hide-workspace", "--drop", ".*", "--keep", "Experiment|train.weighting|delta_m($|_f1)|.*_[ms]tl_accuracy",
         "--sort-by", "delta_m", "--sort-order", "desc"]  # fmt: skip
 
 
@@ -102,9 +102,17 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
     print(f"\nDVC experiments: {time.monotonic() - start:.0f} s ({phases})")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout
+    names = sorted(r["name"] for r in experiments(json.loads(shown.stdout)))
+    diffs = {}  # the committed baseline against an experiment, and one experiment against the other
+    for old, new in [(head.strip(), names[0]), (names[0], names[-1])]:
+        diff = dvc(clone, "metrics", "diff", "--all", "--json", old, new)
+        assert diff.returncode == 0, diff.stdout + diff.stderr
+        diffs[old, new] = json.loads(diff.stdout)
+    plots = dvc(clone, "plots", "diff", "--json", "-o", str(clone.parent / "plots"), head.strip(), names[0])
+    assert plots.returncode == 0, plots.stderr
     return {
         "clone": clone, "head": head.strip(), "queued": queued.stdout, "logs": logs or ran.stdout,
-        "shown": json.loads(shown.stdout), "table": table.stdout,
+        "shown": json.loads(shown.stdout), "table": table.stdout, "diffs": diffs, "plots": json.loads(plots.stdout),
     }  # fmt: skip
 
 
@@ -187,3 +195,61 @@ def test_each_experiment_has_its_mlflow_run_named_and_tagged_by_method(sweep: di
         delta_m = exp["data"]["metrics"][METRICS_FILE]["data"]["delta_m"]
         assert run.data.metrics["compare/delta_m_pct/accuracy"] == pytest.approx(delta_m)
     assert {r.data.tags["mtl.weighting"] for r in in_sweep} == set(METHODS)
+
+
+def _metrics(rev: dict[str, Any]) -> dict[str, Any]:
+    """{file: metrics} of one row of `dvc exp show --json`; a file DVC could not read fails here."""
+    files = rev["data"]["metrics"]
+    assert all("error" not in f for f in files.values()), {k: f.get("error") for k, f in files.items()}
+    return {name: f["data"] for name, f in files.items()}
+
+
+def test_every_revision_has_its_metrics_per_task_accuracy_and_delta_m(sweep: dict[str, Any]):
+    """The committed baseline and each experiment hold their metric files (committed with git, not
+    `!` as with a git-ignored reports/): per-task test accuracy, Δm, the training and baseline metrics."""
+    (baseline,) = [b for b in sweep["shown"] if b.get("rev") == sweep["head"] or b.get("data", {}).get("rev") == sweep["head"]]
+    rows = [baseline, *experiments(sweep["shown"])]
+    assert len(rows) == 1 + len(METHODS)
+    for rev in rows:
+        metrics = _metrics(rev)
+        expected = {"reports/train_metrics.json", "reports/test_metrics.json", "reports/single_task_metrics.json",
+                    "reports/all_in_one_metrics.json", "reports/comparison.json", METRICS_FILE}  # fmt: skip
+        assert expected <= set(metrics), sorted(metrics)
+        test = metrics["reports/test_metrics.json"]
+        for t in TASKS:
+            assert 0 <= test["tasks"][t]["accuracy"] <= 1
+            assert metrics[METRICS_FILE][f"{t}_mtl_accuracy"] == pytest.approx(test["tasks"][t]["accuracy"])
+        assert metrics["reports/comparison.json"]["delta_m_pct"]["accuracy"] == pytest.approx(metrics[METRICS_FILE]["delta_m"])
+    written = json.loads((sweep["clone"] / "reports" / "test_metrics.json").read_text())
+    assert _metrics(baseline)["reports/test_metrics.json"] == written  # the commit holds what the workspace wrote
+
+
+def test_metrics_diff_compares_two_revisions(sweep: dict[str, Any]):
+    """`dvc metrics diff <baseline> <experiment>` and between two experiments: both sides of every
+    per-task accuracy and of Δm, the values `dvc exp show` lists for those revisions."""
+    by_rev = {sweep["head"]: None, **{r["name"]: r for r in experiments(sweep["shown"])}}
+    (baseline,) = [b for b in sweep["shown"] if b.get("rev") == sweep["head"] or b.get("data", {}).get("rev") == sweep["head"]]
+    by_rev[sweep["head"]] = baseline
+    for (old, new), diff in sweep["diffs"].items():
+        before, after = _metrics(by_rev[old]), _metrics(by_rev[new])
+        for t in TASKS:
+            entry = diff["reports/test_metrics.json"][f"tasks.{t}.accuracy"]
+            assert entry["old"] == pytest.approx(before["reports/test_metrics.json"]["tasks"][t]["accuracy"])
+            assert entry["new"] == pytest.approx(after["reports/test_metrics.json"]["tasks"][t]["accuracy"])
+        delta_m = diff[METRICS_FILE]["delta_m"]
+        assert (delta_m["old"], delta_m["new"]) == (pytest.approx(before[METRICS_FILE]["delta_m"]), pytest.approx(after[METRICS_FILE]["delta_m"]))
+    # the methods trained different models: at least one metric moved between the two experiments
+    (between,) = [d for (old, _), d in sweep["diffs"].items() if old != sweep["head"]]
+    assert any(e.get("diff") for e in between["reports/test_metrics.json"].values()), between
+
+
+def test_plots_diff_draws_the_training_curves_of_both_revisions(sweep: dict[str, Any]):
+    """train_history.csv and the predictions are in every revision too: `dvc plots diff` draws the
+    committed baseline's and the experiment's curves in one chart, and a confusion matrix of each."""
+    panels = sweep["plots"]["data"]
+    (accuracy,) = panels["Mean accuracy per epoch"]
+    revs = {r["rev"] for r in accuracy["content"]["data"]["values"]}
+    assert len(revs) == 2 and set(accuracy["revisions"]) == revs, accuracy["revisions"]
+    for t in TASKS:
+        (confusion,) = panels[f"reports/predictions/{t}.csv"]
+        assert len({r["rev"] for r in confusion["content"]["data"]["values"]}) == 2

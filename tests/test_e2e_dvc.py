@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import copy_working_tree, stage_env, write_params
+from tests.conftest import copy_working_tree, free_port, stage_env, stop_process, write_params
 
 pytestmark = pytest.mark.e2e
 TASKS = ["shape", "color", "size", "position"]
@@ -59,7 +59,7 @@ def test_repro_again_is_up_to_date(repro: Path):
     assert "Running stage" not in again.stdout
 
 
-def test_dvc_metrics_and_plots(repro: Path):
+def test_dvc_metrics_show_reads_the_test_metrics_and_delta_m(repro: Path):
     shown = dvc(repro, "metrics", "show", "--json")
     assert shown.returncode == 0, shown.stderr
     metrics = json.loads(shown.stdout)
@@ -70,10 +70,43 @@ def test_dvc_metrics_and_plots(repro: Path):
     written = json.loads((repro / "reports" / "comparison.json").read_text())
     assert shown_cmp["delta_m_pct"] == pytest.approx(written["delta_m_pct"])
     assert set(shown_cmp["delta_m_pct"]) == {"accuracy", "f1_macro"}
-    plots = dvc(repro, "plots", "show", "--json")
+
+
+# What `dvc plots show` draws, each once: the two training charts (train_history.csv), one confusion
+# matrix per task (reports/predictions/), three images.
+PLOTS = {
+    "Mean accuracy per epoch": "vega", "Mean loss per epoch": "vega",
+    **{f"reports/predictions/{t}.csv": "vega" for t in TASKS},
+    "reports/training_curves.png": "image", "reports/task_gradient_cosine.png": "image",
+    "reports/task_error_correlation.png": "image",
+}  # fmt: skip
+
+
+def test_dvc_plots_show_draws_each_plot_once_and_none_empty(repro: Path, tmp_path: Path):
+    """The plots as DVC renders them (`dvc plots show --json`, the data of its HTML page): the expected
+    plots and no more (no stage-level duplicate, no CSV drawn as a default line chart); every chart has
+    data rows with the fields it draws, every image is there."""
+    plots = dvc(repro, "plots", "show", "--json", "-o", str(tmp_path / "json"))  # images copied there
     assert plots.returncode == 0, plots.stderr
-    names = json.dumps(json.loads(plots.stdout))
-    assert "reports/predictions" in names and "reports/confusion/shape.png" in names and "Mean accuracy per epoch" in names
+    shown = json.loads(plots.stdout)["data"]
+    assert {name: [p["type"] for p in panels] for name, panels in shown.items()} == {k: [v] for k, v in PLOTS.items()}
+    epochs = len(__import__("pandas").read_csv(repro / "reports" / "train_history.csv"))
+    for name, (panel,) in shown.items():
+        assert panel["revisions"] == ["workspace"], name
+        if panel["type"] == "image":
+            assert Path(panel["url"]).is_file(), panel
+            continue
+        rows = panel["content"]["data"]["values"]
+        if name.startswith("reports/predictions/"):
+            assert len(rows) == len(__import__("pandas").read_csv(repro / name)) > 0
+            assert all(r["actual"] and r["predicted"] for r in rows), name
+        else:  # two series (train, val), one point per epoch each
+            assert sorted({r["field"] for r in rows}) == sorted(f"{s}/mean/{name.split()[1]}" for s in ("train", "val"))
+            assert len(rows) == 2 * epochs and all(float(r["dvc_inferred_y_value"]) >= 0 for r in rows), rows[:2]
+    html = dvc(repro, "plots", "show", "-o", str(tmp_path / "plots"))
+    assert html.returncode == 0, html.stderr
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert page.count("vegaEmbed(") == 6 and page.count("<img") == 3, page[:2000]
 
 
 def test_mlflow_run_registry_and_loaded_model(repro: Path, monkeypatch: pytest.MonkeyPatch):
@@ -109,21 +142,13 @@ def test_mlflow_run_registry_and_loaded_model(repro: Path, monkeypatch: pytest.M
     assert out["shape"].iloc[0] == predicted  # same image, same answer as the evaluate stage
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_ui_server_shows_run_metrics_plots_and_champion(repro: Path, tmp_path: Path):
     """What a user sees in `mlflow ui`: served over the REST API from the pipeline's SQLite store."""
     import time
     import urllib.parse
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "mlflow-server.log", "w")
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{repro / 'mlflow.db'}",
@@ -162,11 +187,7 @@ def test_mlflow_ui_server_shows_run_metrics_plots_and_champion(repro: Path, tmp_
         png = get("/get-artifact", path="plots/confusion/shape.png", run_uuid=run_id)
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
         log.close()
 
 

@@ -108,3 +108,32 @@ def test_the_loop_clips_the_shared_gradient_and_gives_an_unlabelled_task_weight_
     assert float(shared.norm()) == pytest.approx(1e-3, rel=1e-3)
     head = torch.cat([p.grad.reshape(-1) for p in model.heads["a"].parameters()])
     assert float(head.norm()) > 1e-2
+
+
+def test_a_last_batch_of_one_sample_never_reaches_batchnorm(tmp_path: Path) -> None:
+    """65 training images, batch 16: the epoch's last batch would be one sample, on which BatchNorm
+    cannot train ("Expected more than 1 value per channel"). It is left out of that epoch (4 steps of
+    16), the sample left out differs from epoch to epoch (the order is reshuffled), and training ends."""
+    from mtl_core.training.sampler import ResumableSampler
+
+    root = tmp_path / "project"
+    root.mkdir()
+    write_params(root, {"train": {"epochs": 2, "batch_size": 16, "task_affinity_every": 0}, "preprocess": {"augment": []}})
+    cfg = load_config(root / "params.yaml")
+    paths, tasks = flipped_validation_project(root, n_train=65)
+    files = ModelFiles.in_folder(root / "model")
+    with mlflow.start_run(experiment_id=setup_mlflow(cfg, root)):
+        fit(cfg, paths, tasks, files)
+    summary = json.loads(files.summary.read_text())
+    assert summary["images_per_second"] * summary["train_seconds"] == pytest.approx(2 * 64)
+    sampler = ResumableSampler(65, seed=0, batch_size=16)
+    left_out = []
+    for epoch in (1, 2, 3):
+        sampler.set_epoch(epoch)
+        seen = [i for i, _ in sampler]
+        assert len(seen) == 64 and sampler.steps() == 4
+        left_out.append(set(range(65)) - set(seen))
+    assert len(set.union(*left_out)) > 1
+    # a last batch of 2 is kept with one process, and split 1 + 1 over two, so then left out
+    assert ResumableSampler(66, 0, batch_size=16).steps() == 5
+    assert ResumableSampler(66, 0, batch_size=16, rank=1, world_size=2).steps() == 4

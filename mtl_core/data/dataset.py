@@ -57,5 +57,5 @@ class CachedMultiTaskDataset(Dataset):
         i, seed = item if isinstance(item, tuple) else (item, None)
         if seed is not None:
             self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
-        image = np.ascontiguousarray(self.images[i])
+        image = np.array(self.images[i])  # a copy: a view of the read-only memory map must not become a tensor
         return self.transform(image=image)["image"], self.labels[i], self.weights[i]

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +61,16 @@ class GradientCosineTracker:
         return step % self.every == 0
 
     def measure(
-        self, losses: dict[str, Tensor], shared_params: Sequence[Tensor], labelled: Tensor | None = None
+        self, losses: dict[str, Tensor], shared_params: Sequence[Tensor], labelled: Tensor | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> np.ndarray:
         """Take the K task gradients on the shared parameters (graph kept for the real backward);
         `labelled` (K,) bool marks the tasks with a labelled sample in the batch (None: all). Call
         `after_step` once the optimizer has stepped to record what the step did per task."""
         params = trainable(shared_params)
         grads = task_gradients([losses[t] for t in self.task_names], params, retain_graph=True)
+        if reduce is not None:  # distributed: the global batch's gradients (their mean over the ranks)
+            grads = reduce(grads)
         matrix = cosine_matrix(grads)
         seen = np.ones(len(self.task_names), dtype=bool) if labelled is None else np.asarray(labelled, dtype=bool)
         both = np.outer(seen, seen)

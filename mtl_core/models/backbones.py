@@ -162,14 +162,19 @@ UNPREFIXED_LOOKUP: tuple[tuple[str, Callable[[str], bool]], ...] = (
 
 
 class SmallConvNet(nn.Module):
-    """A four-block CNN for quick runs and tests (not from torchvision; no pretrained weights)."""
+    """A four-block CNN for quick runs and tests (not from torchvision; no pretrained weights).
 
-    def __init__(self, width: int = 32) -> None:
+    `norm="group"`: GroupNorm (Wu & He, "Group Normalization", ECCV 2018) instead of BatchNorm, which
+    normalises each sample on its own, so what a step computes does not depend on how the batch is
+    split: N processes on CPU (where PyTorch has no SyncBatchNorm) train exactly as one does."""
+
+    def __init__(self, width: int = 32, norm: str = "batch") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
         for c_out in (width, width * 2, width * 4, width * 8):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            normalise = nn.GroupNorm(8, c_out) if norm == "group" else nn.BatchNorm2d(c_out)
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), normalise, nn.ReLU(inplace=True)]
             layers += [nn.MaxPool2d(2)]
             c_in = c_out
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -179,10 +184,10 @@ class SmallConvNet(nn.Module):
         return self.features(x)
 
 
-def _small_cnn(weights: str | None = None) -> nn.Module:
+def _small_cnn(weights: str | None = None, norm: str = "batch") -> nn.Module:
     if weights:
         raise ValueError("backbone 'small_cnn' has no pretrained weights; set model.pretrained: false")
-    return SmallConvNet()
+    return SmallConvNet(norm=norm)
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -194,6 +199,7 @@ BACKBONES: dict[str, Backbone] = {
     "efficientnet_b0": Backbone("efficientnet_b0", "DEFAULT", _strip_classifier),
     "convnext_tiny": Backbone("convnext_tiny", "DEFAULT", _strip_convnext),
     "small_cnn": Backbone(_small_cnn, "", lambda net: net.out_dim),
+    "small_cnn_gn": Backbone(partial(_small_cnn, norm="group"), "", lambda net: net.out_dim),
 }
 
 

@@ -30,6 +30,15 @@ def disabled_reason(cfg: PipelineConfig) -> str | None:
     return None
 
 
+def all_in_one_config(cfg: PipelineConfig) -> PipelineConfig:
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"task_groups": None})})
+
+
+def stage_fits(cfg: PipelineConfig, tasks: Any) -> list[tuple[PipelineConfig, Any, list[int] | None, bool]]:
+    """The `fit` calls `run_all_in_one` makes (mirrored by the other ranks: training.ddp)."""
+    return [] if disabled_reason(cfg) is not None else [(all_in_one_config(cfg), tasks, None, False)]
+
+
 def run_all_in_one(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict[str, Any]:
     paths = ProjectPaths(root)
     folder, out = paths.all_in_one_dir, paths.all_in_one_metrics
@@ -54,7 +63,7 @@ def run_all_in_one(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict
 
     tasks = TaskSpec.load(paths.tasks_file)
     exp_id = setup_mlflow(cfg, root)
-    all_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"task_groups": None})})
+    all_cfg = all_in_one_config(cfg)
     resume_dir = checkpoint.checkpoints_root(root) / "all_in_one"
     fp = checkpoint.fingerprint(all_cfg, paths, None)
     fail_orphan_runs(exp_id, "all_in_one", keep=recorded_run_ids(resume_dir))

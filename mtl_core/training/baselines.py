@@ -61,6 +61,14 @@ def single_task_config(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"model": model, "train": train})
 
 
+def stage_fits(cfg: PipelineConfig, tasks: TaskSpec) -> list[tuple[PipelineConfig, TaskSpec, list[int] | None, bool]]:
+    """The `fit` calls `run_baselines` makes, in order (mirrored by the other ranks: training.ddp)."""
+    if not cfg.compare.single_task:
+        return []
+    single = single_task_config(cfg)
+    return [(single, TaskSpec({t: tasks.classes[t]}), [k], False) for k, t in enumerate(tasks.names)]
+
+
 def run_baselines(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict[str, Any]:
     """Stage `baselines`. Each task's model resumes from its own checkpoint after a kill (a finished one
     is restored, not retrained), into its own MLflow run; `fresh`: start every one over."""

@@ -17,6 +17,7 @@ folder. A kill at any moment leaves either the previous checkpoint or the new on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +45,9 @@ NOT_TRAINING = frozenset({
     "train.num_workers",  # the sampler makes batches and augmentation independent of the workers
     "train.device",  # a run may continue on another device (float results then differ at rounding level)
     "train.checkpoint_every_steps", "train.on_nonfinite", "train.max_skipped_steps",
+    # the global batch, data order and augmentation do not depend on the number of processes (the ranks
+    # take slices of one global order), so a run may resume on another number of GPUs
+    "train.distributed.nproc_per_node", "train.distributed.backend",
 })  # fmt: skip
 """Parameters that do not change what a run computes: changing them still resumes."""
 
@@ -52,14 +56,27 @@ def checkpoints_root(root: Path) -> Path:
     return Path(root) / CHECKPOINTS_DIR
 
 
+@functools.cache
 def code_version() -> str:
     """sha256 of every mtl_core source file (path and content): a checkpoint of other code is not resumed,
-    committed or not."""
+    committed or not. Once per process (the baselines stage asks once per task)."""
     package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _content_sha256(path: Path, mtime_ns: int, size: int) -> str:
+    return file_sha256(path)
+
+
+def _sha256(path: Path) -> str:
+    """file_sha256, once per file version in a process (the baselines stage fingerprints K models over
+    the same caches: the image cache alone is 73 MB per task on the default data)."""
+    stat = path.stat()
+    return _content_sha256(path, stat.st_mtime_ns, stat.st_size)
 
 
 def data_fingerprint(paths: ProjectPaths) -> dict[str, str]:
@@ -68,11 +85,11 @@ def data_fingerprint(paths: ProjectPaths) -> dict[str, str]:
     costly part, and under `dvc repro` it is skipped)."""
     out: dict[str, str] = {}
     if paths.manifest.is_file():
-        out["manifest"] = file_sha256(paths.manifest)
+        out["manifest"] = _sha256(paths.manifest)
     for split in ("train", "val"):
         for name, path in (("labels", paths.labels_cache(split)), ("weights", paths.weights_cache(split))):
             if path.is_file():
-                out[f"{split}_{name}"] = file_sha256(path)
+                out[f"{split}_{name}"] = _sha256(path)
     lock = paths.root / "dvc.lock"
     dvc_md5 = None
     if lock.is_file():
@@ -82,7 +99,7 @@ def data_fingerprint(paths: ProjectPaths) -> dict[str, str]:
     for split in ("train", "val"):
         path = paths.images_cache(split)
         if path.is_file():
-            out[f"{split}_images"] = f"dvc:{dvc_md5}:{path.stat().st_size}" if dvc_md5 else file_sha256(path)
+            out[f"{split}_images"] = f"dvc:{dvc_md5}:{path.stat().st_size}" if dvc_md5 else _sha256(path)
     return out
 
 

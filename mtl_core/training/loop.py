@@ -8,6 +8,7 @@ caught before it reaches the weights (`train.on_nonfinite`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -22,7 +23,8 @@ from mtl_core.evaluation.task_relations import GradientCosineTracker
 from mtl_core.losses import TaskLoss
 from mtl_core.models import MultiTaskModel
 from mtl_core.tasks import MISSING_LABEL
-from mtl_core.runtime import autocast
+from mtl_core.transforms import normalize_on_device
+from mtl_core.runtime import Distributed, autocast, distributed
 from mtl_core.weighting import LossWeighting, StepContext
 
 LOG_EVERY_STEPS = 25
@@ -80,14 +82,28 @@ class EpochStats:
         return stats, {t: float(weights[k]) for k, t in enumerate(self.tasks)}
 
     _SUMS = ("loss_sum", "correct", "count", "weight_sum")
+    _RANK_SUMS = ("loss_sum", "correct", "count")  # per-rank sums; the method weights are the same on every rank
+
+    def reduced(self, dist: Distributed) -> EpochStats:
+        """The global batch's sums over all ranks (a collective: every rank calls it at the same step)."""
+        if not dist.enabled:
+            return self
+        out = EpochStats(self.tasks, self.loss_sum.device)
+        out.steps, out.weight_sum = self.steps, self.weight_sum.clone()
+        for name in self._RANK_SUMS:
+            setattr(out, name, dist.sum(getattr(self, name)))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, **{name: getattr(self, name).cpu().clone() for name in self._SUMS}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], sums: bool = True) -> None:
+        """`sums=False`: the steps only, the per-rank sums left at zero (a distributed resume gives rank 0
+        the checkpoint's global sums, the other ranks start theirs at zero)."""
         self.steps = int(state["steps"])
         for name in self._SUMS:
-            getattr(self, name).copy_(state[name])
+            if sums or name not in self._RANK_SUMS:
+                getattr(self, name).copy_(state[name])
 
 
 @dataclass
@@ -107,16 +123,60 @@ class EpochProgress:
             "seconds": self.seconds, "skipped": self.skipped, "skipped_at": list(self.skipped_at),
         }  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stats.load_state_dict(state["stats"])
-        self.steps, self.images, self.seconds = int(state["steps"]), int(state["images"]), float(state["seconds"])
+    def load_state_dict(self, state: dict[str, Any], sums: bool = True) -> None:
+        self.stats.load_state_dict(state["stats"], sums)
+        self.steps, self.seconds = int(state["steps"]), float(state["seconds"])
+        self.images = int(state["images"]) if sums else 0
         self.skipped, self.skipped_at = int(state["skipped"]), list(state["skipped_at"])
+
+    def reduced(self, dist: Distributed) -> EpochProgress:
+        """This epoch so far over all ranks: summed statistics and images (seconds: this rank's)."""
+        if not dist.enabled:
+            return self
+        images = int(dist.sum(torch.tensor([self.images], dtype=torch.int64)).item())
+        return EpochProgress(self.stats.reduced(dist), self.steps, images, self.seconds, self.skipped, list(self.skipped_at))
 
 
 def labelled_tasks(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(K,) bool: which tasks have a labelled sample with non-zero weight in the batch (CPU tensors in,
     so the weighting methods get it without a device sync)."""
     return ((y != MISSING_LABEL) & (w > 0)[:, None]).any(0)
+
+
+class _GlobalValue(torch.autograd.Function):
+    """Forward: the global batch's loss (bit-identical on every rank); backward: into this rank's loss."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, global_value: torch.Tensor) -> torch.Tensor:
+        return global_value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def global_losses(losses: dict[str, torch.Tensor], dist: Distributed) -> dict[str, torch.Tensor]:
+    """Under DDP, each task's loss with the global batch's value (the ranks' mean: each rank's loss is
+    normalised by the global denominator / W) and this rank's gradient. A weighting method computes
+    its weights from these values, identical on every rank, and the gradient of anything it builds
+    from them is this rank's share of the global gradient, which DDP's mean completes. One all-reduce
+    of K floats."""
+    stacked = torch.stack([losses[t].detach().float() for t in losses])
+    mean = dist.mean(stacked)
+    return {t: _GlobalValue.apply(loss, mean[k].to(loss.dtype)) for k, (t, loss) in enumerate(losses.items())}
+
+
+def global_batch(
+    loss_fn: TaskLoss, y: torch.Tensor, w: torch.Tensor, labelled: torch.Tensor, dist: Distributed
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(each task's loss denominator for this rank: the global batch's / W, which tasks are labelled in
+    the global batch): one all-reduce of 2K floats; (None, labelled) with one process."""
+    if not dist.enabled:
+        return None, labelled
+    k = len(labelled)
+    local = torch.cat([loss_fn.denominators(y, w), labelled.to(y.device, torch.float32)])
+    total = dist.sum(local)
+    return total[:k] / dist.world_size, total[k:].cpu() > 0
 
 
 def _nonfinite_losses(losses: dict[str, torch.Tensor]) -> list[str]:
@@ -146,10 +206,14 @@ def train_one_epoch(
     steps_per_epoch: int | None = None,
     on_step: Callable[[EpochProgress], None] | None = None,
     skipped_before: int = 0,
+    ddp: torch.nn.Module | None = None,
 ) -> EpochProgress:
     """One pass over the training data (or the rest of one: `progress` of a resumed epoch, whose loader
     starts where it stopped). `global_step`: steps of the epochs before; `on_step(progress)` after every
-    optimizer step (the checkpoint hook); `skipped_before`: batches skipped in earlier epochs."""
+    optimizer step (the checkpoint hook); `skipped_before`: batches skipped in earlier epochs.
+    `ddp`: the model's DistributedDataParallel forward (training.ddp) when several processes train;
+    the returned progress is this rank's (`EpochProgress.reduced` sums the ranks')."""
+    dist = distributed() if ddp is not None else Distributed()
     model.train()
     tasks = model.task_names
     progress = progress or EpochProgress(EpochStats(tasks, device))
@@ -167,23 +231,34 @@ def train_one_epoch(
         step = global_step + progress.steps
         labelled = labelled_tasks(y, w)
         x, y, w = x.to(device, non_blocking=True), y.to(device, non_blocking=True), w.to(device, non_blocking=True)
-        with autocast(device, cfg.train.amp):
-            z = model.encode(x)
-            logits = model.decode(z)
-            losses = loss_fn(logits, y, w)
-        optimizer.zero_grad(set_to_none=True)
-        if bad := _nonfinite_losses(losses):
-            _on_nonfinite(cfg, progress, skipped_before, epoch, step, f"loss of task(s) {', '.join(bad)}")
-            _skip_step(optimizer, scheduler, progress, t0)
-            t0 = time.perf_counter()
-            continue
-        if tracker is not None and tracker.due(step):
-            tracker.measure(losses, shared, labelled)
-        ctx = StepContext(
-            shared_params=shared, task_params=private, shared_repr=z, step=step, epoch=epoch,
-            labelled=labelled, last_shared_layer=last_shared,
-        )  # fmt: skip
-        weights = weighting.backward(losses, ctx)
+        if x.dtype == torch.uint8:  # the train loader's uint8 batches, normalised here, on the device
+            x = normalize_on_device(x, cfg.preprocess.mean, cfg.preprocess.std)
+        denominators, labelled = global_batch(loss_fn, y, w, labelled, dist)
+        # a method that reduces its own per-task gradients steps outside DDP's gradient hooks
+        sync = ddp.no_sync() if ddp is not None and weighting.reduces_gradients else contextlib.nullcontext()
+        with sync:
+            with autocast(device, cfg.train.amp):
+                if ddp is not None:
+                    z, logits = ddp(x)
+                else:
+                    z = model.encode(x)
+                    logits = model.decode(z)
+                losses = loss_fn(logits, y, w, denominators)
+            if dist.enabled:
+                losses = global_losses(losses, dist)
+            optimizer.zero_grad(set_to_none=True)
+            if bad := _nonfinite_losses(losses):
+                _on_nonfinite(cfg, progress, skipped_before, epoch, step, f"loss of task(s) {', '.join(bad)}")
+                _skip_step(optimizer, scheduler, progress, t0)
+                t0 = time.perf_counter()
+                continue
+            if tracker is not None and tracker.due(step):
+                tracker.measure(losses, shared, labelled, reduce=dist.mean if dist.enabled else None)
+            ctx = StepContext(
+                shared_params=shared, task_params=private, shared_repr=z, step=step, epoch=epoch,
+                labelled=labelled, last_shared_layer=last_shared, dist=dist,
+            )  # fmt: skip
+            weights = weighting.backward(losses, ctx)
         if cfg.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(shared, cfg.train.grad_clip)
         if not _gradient_finite(trainable):
@@ -199,7 +274,8 @@ def train_one_epoch(
             tracker.after_step(shared)
         if weighting.needs_losses_after_step:  # FAMO: the same batch's losses under the updated weights
             with torch.no_grad(), autocast(device, cfg.train.amp):
-                weighting.after_step(loss_fn(model(x), y, w))
+                after = loss_fn(model(x), y, w, denominators)
+                weighting.after_step(global_losses(after, dist) if dist.enabled else after)
         progress.stats.update(losses, logits, y, weights)
         progress.images += len(x)
         progress.steps += 1

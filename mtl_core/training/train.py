@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -36,10 +37,11 @@ from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.tracking import flatten, git_commit, ingested_data_hash, setup_mlflow, write_run_info
 from mtl_core.training import checkpoint
-from mtl_core.runtime import select_device, seed_everything
+from mtl_core.runtime import Distributed, distributed, select_device, seed_everything
+from mtl_core.training import ddp as ddp_runtime
 from mtl_core.training.loop import EpochProgress, EpochStats, NonFiniteError, train_one_epoch  # noqa: F401  (NonFiniteError: the error training stops with)
 from mtl_core.training.runs import Resume, fail_orphan_runs, training_run
-from mtl_core.training.sampler import ResumableSampler
+from mtl_core.training.sampler import ResumableSampler, ShardSampler
 from mtl_core.transforms import eval_transform, train_transform
 from mtl_core.weighting import GradientBalancing, LossWeighting, build_weighting
 from mtl_core.weighting.gradnorm import GradNorm
@@ -61,53 +63,64 @@ def make_loaders(
     generator: torch.Generator,
     device: torch.device,
     label_columns: list[int] | None = None,
+    dist: Distributed | None = None,
 ) -> dict[str, DataLoader]:
     """Train and val loaders over the cache; `label_columns` selects a subset of the tasks. The training
     order and each sample's augmentation come from `train.seed` and the epoch alone (ResumableSampler),
-    so they do not depend on the number of workers, and a resumed run sees the batches it would have."""
+    so they do not depend on the number of workers, and a resumed run sees the batches it would have.
+    Distributed: this rank's share of every global batch (`train.batch_size` / world size) and of the
+    validation set."""
+    dist = dist or Distributed()
+    workers = cfg.train.workers(int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
     common = dict(
-        batch_size=cfg.train.batch_size,
-        num_workers=cfg.train.num_workers,
+        batch_size=cfg.train.batch_size // dist.world_size,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=cfg.train.num_workers > 0,
+        persistent_workers=workers > 0,
     )
     train_data = CachedMultiTaskDataset(
-        paths.images_cache("train"), paths.labels_cache("train"), train_transform(cfg.preprocess),
+        paths.images_cache("train"), paths.labels_cache("train"), train_transform(cfg.preprocess, normalize=False),
         paths.weights_cache("train"), label_columns,
     )  # fmt: skip
     loaders = {
         "train": DataLoader(
             train_data,
-            sampler=ResumableSampler(len(train_data), cfg.train.seed, shuffle=True),
-            drop_last=False,
+            sampler=ResumableSampler(
+                len(train_data), cfg.train.seed, shuffle=True, batch_size=cfg.train.batch_size,
+                rank=dist.rank, world_size=dist.world_size,
+            ),  # fmt: skip
+            drop_last=False,  # the sampler decides (a last batch of one sample never reaches BatchNorm)
             generator=generator,  # the workers' base seed comes from it, not from the global generator
             **common,
         ),
-        "val": DataLoader(
-            CachedMultiTaskDataset(
-                paths.images_cache("val"), paths.labels_cache("val"), eval_transform(cfg.preprocess), None, label_columns
-            ),
-            shuffle=False,
-            **common,
-        ),
     }
+    val_data = CachedMultiTaskDataset(
+        paths.images_cache("val"), paths.labels_cache("val"), eval_transform(cfg.preprocess), None, label_columns
+    )
+    loaders["val"] = DataLoader(val_data, sampler=ShardSampler(len(val_data), dist.rank, dist.world_size), **common)
     return loaders
 
 
-def masked_accuracy(pred: np.ndarray, target: np.ndarray) -> float:
-    labelled = target != MISSING_LABEL
-    return float((pred[labelled] == target[labelled]).mean()) if labelled.any() else float("nan")
-
-
-def validate(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: bool) -> dict[str, dict[str, float]]:
+def validate(
+    model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: bool, dist: Distributed | None = None
+) -> dict[str, dict[str, float]]:
+    """Per task, the mean negative log-likelihood and the accuracy over the labelled validation samples;
+    distributed, each rank scores its shard and the sums are reduced (every sample counted once)."""
     probs, targets = predict_loader(model, loader, device, amp)
-    out: dict[str, dict[str, float]] = {}
+    sums = np.zeros((3, len(model.task_names)))  # nll sum, correct, labelled count
     for k, t in enumerate(model.task_names):
         y = targets[:, k]
         labelled = y != MISSING_LABEL
         p = probs[t][labelled]
-        nll = -np.log(np.clip(p[np.arange(len(p)), y[labelled]], 1e-12, None)).mean() if labelled.any() else float("nan")
-        out[t] = {"loss": float(nll), "accuracy": masked_accuracy(probs[t].argmax(1), y)}
+        sums[0, k] = -np.log(np.clip(p[np.arange(len(p)), y[labelled]], 1e-12, None)).sum()
+        sums[1, k] = (probs[t].argmax(1)[labelled] == y[labelled]).sum()
+        sums[2, k] = labelled.sum()
+    if dist is not None and dist.enabled:
+        sums = dist.sum(torch.from_numpy(sums)).numpy()
+    out: dict[str, dict[str, float]] = {}
+    for k, t in enumerate(model.task_names):
+        n = sums[2, k]
+        out[t] = {"loss": float(sums[0, k] / n) if n else float("nan"), "accuracy": float(sums[1, k] / n) if n else float("nan")}
     return out
 
 
@@ -280,17 +293,25 @@ def fit(
 ) -> TrainResult:
     """Train one model on `tasks` (label columns `label_columns` of the cache) inside the active MLflow
     run: per-epoch metrics, the best-on-validation weights, the spec. With `files.resume`, a checkpoint
-    every epoch and every `train.checkpoint_every_steps` steps; `resume.state` continues one exactly."""
+    every epoch and every `train.checkpoint_every_steps` steps; `resume.state` continues one exactly.
+    Distributed (training.ddp): every rank calls it; rank 0's resume state is broadcast, the collectives
+    (loss and gradient reductions, validation, checkpoint statistics) run on all ranks, and only rank 0
+    writes files and MLflow records."""
+    dist = distributed()
     resume = resume or Resume(checkpoint.fingerprint(cfg, paths, label_columns))
+    if dist.enabled:
+        resume = Resume(resume.fingerprint, dist.broadcast_state(resume.state), resume.resumed)
+    main = dist.is_main
     generator = seed_everything(cfg.train.seed)
     device = select_device(cfg.train.device)
-    loaders = make_loaders(cfg, paths, generator, device, label_columns)
+    loaders = make_loaders(cfg, paths, generator, device, label_columns, dist)
     sampler: ResumableSampler = loaders["train"].sampler
     stem = resolve_stem(cfg.model.stem, cfg.preprocess.image_size, cfg.model.backbone)
     model = build_model(
         cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained_weights(paths.root),
         cfg.model.arch_options, stem=stem,
-    ).to(device)  # fmt: skip
+    )  # fmt: skip
+    model = ddp_runtime.prepare_model(model, device, cfg, dist).to(device)
     weighting = build_weighting(cfg.train.weighting, tasks.names, dict(cfg.train.weighting_options)).to(device)
     if isinstance(weighting, GradientBalancing) and weighting.on == "representation" and not model.exact_representation_gradients:
         raise ValueError(
@@ -302,7 +323,7 @@ def fit(
     loss_fn = TaskLoss.from_config(cfg.train, tasks, train_labels).to(device)
     labelled_train = {t: int((train_labels[:, k] != MISSING_LABEL).sum()) for k, t in enumerate(tasks.names)}
     optimizer = build_optimizer(model, weighting, cfg.train)
-    full_epoch = math.ceil(len(sampler) / cfg.train.batch_size)
+    full_epoch = sampler.steps()
     steps_per_epoch = min(cfg.train.max_steps_per_epoch or full_epoch, full_epoch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],  # one peak per group: the backbone's scaled
@@ -310,9 +331,10 @@ def fit(
     )  # fmt: skip
     measure = files.gradient_cosine is not None and cfg.train.task_affinity_every > 0
     tracker = GradientCosineTracker(tasks.names, cfg.train.task_affinity_every) if measure else None
-    for f in (files.weights, files.history, files.summary):
-        f.parent.mkdir(parents=True, exist_ok=True)
-    run_id = mlflow.active_run().info.run_id
+    if main:
+        for f in (files.weights, files.history, files.summary):
+            f.parent.mkdir(parents=True, exist_ok=True)
+    run_id = mlflow.active_run().info.run_id if main else ""
 
     history: list[dict[str, float]] = []
     cosines: dict[int, list[list[float]]] = {}
@@ -332,19 +354,24 @@ def fit(
         best, best_weights = (state["best"]["score"], state["best"]["epoch"]), state["best_weights"]
         partial = state["progress"]
         start_epoch = state["epoch"] if partial is not None else state["epoch"] + 1
-        if best_weights is not None:  # DVC deleted models/ before rerunning the stage
+        if main and best_weights is not None:  # DVC deleted models/ before rerunning the stage
             save_file(best_weights, files.weights)
-        _catch_up_mlflow(history, cosines, tasks.names)
-    else:
+        if main:
+            _catch_up_mlflow(history, cosines, tasks.names)
+    elif main:
         log.info(
-            "train: %s (%s) on %s, tasks %s, %d training images", cfg.model.backbone, cfg.model.arch, device,
-            ", ".join(tasks.names), len(loaders["train"].dataset),
+            "train: %s (%s) on %s%s, tasks %s, %d training images", cfg.model.backbone, cfg.model.arch, device,
+            f" x {dist.world_size} processes" if dist.enabled else "", ", ".join(tasks.names), len(loaders["train"].dataset),
         )  # fmt: skip
         log.info("labelled training samples per task: %s", ", ".join(f"{t} {n}" for t, n in labelled_train.items()))
         mlflow.log_params({f"data/{t}/labelled_train": n for t, n in labelled_train.items()})
 
     def save_checkpoint(epoch: int, progress: EpochProgress | None) -> None:
         if files.resume is None:
+            return
+        if progress is not None:
+            progress = progress.reduced(dist)  # a collective: the global sums go into the checkpoint
+        if not main:
             return
         checkpoint.save(files.resume, {
             "fingerprint": resume.fingerprint, "run_id": run_id, "epoch": epoch, "epochs": cfg.train.epochs,
@@ -356,13 +383,16 @@ def fit(
         })  # fmt: skip
 
     every = cfg.train.checkpoint_every_steps
+    forward, wrapped_for = None, None
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         freeze_backbone(model, epoch, cfg.train)
+        if dist.enabled and wrapped_for != ddp_runtime.trainable_set(model):  # DDP fixes its parameters when built
+            forward, wrapped_for = ddp_runtime.wrap(model, device, dist), ddp_runtime.trainable_set(model)
         # with nothing shared left trainable (hard sharing, frozen backbone) there is no shared gradient to measure
         epoch_tracker = tracker if any(p.requires_grad for p in model.shared_parameters()) else None
         progress = EpochProgress(EpochStats(tasks.names, device))
         if partial is not None:
-            progress.load_state_dict(partial)
+            progress.load_state_dict(partial, sums=main)  # the checkpoint's sums are the global ones: rank 0 holds them
             partial = None
         sampler.set_epoch(epoch, start=progress.steps * cfg.train.batch_size)
 
@@ -373,15 +403,15 @@ def fit(
 
         progress = train_one_epoch(
             model, loaders["train"], weighting, loss_fn, optimizer, scheduler, device, cfg, epoch,
-            (epoch - 1) * steps_per_epoch, epoch_tracker, progress, steps_per_epoch, on_step, totals["skipped"],
-        )  # fmt: skip
+            (epoch - 1) * steps_per_epoch, epoch_tracker, progress, steps_per_epoch, on_step, totals["skipped"], forward,
+        ).reduced(dist)  # fmt: skip
         train_stats, mean_weights = progress.stats.summary()
         images, seconds = progress.images, progress.seconds
         totals = {"images": totals["images"] + images, "seconds": totals["seconds"] + seconds, "skipped": totals["skipped"] + progress.skipped}
         for where in progress.skipped_at:
             log.warning("train: skipped the batch at %s (train.on_nonfinite: skip)", where)
         weighting.on_epoch_end(epoch, {t: s["loss"] for t, s in train_stats.items()})
-        val_stats = validate(model, loaders["val"], device, cfg.train.amp)
+        val_stats = validate(model, loaders["val"], device, cfg.train.amp, dist)
         row = {"epoch": epoch, **_metrics("train", train_stats), **_metrics("val", val_stats)}
         row.update({f"weight/{t}": w for t, w in mean_weights.items()})
         row["train/images_per_second"] = images / seconds if seconds else 0.0
@@ -394,10 +424,13 @@ def fit(
         if tracker is not None and (matrix := tracker.epoch_average()) is not None:
             cosines[epoch] = matrix.tolist()
         if row["val/mean/accuracy"] > best[0]:
-            best, best_weights = (row["val/mean/accuracy"], epoch), _cpu_state(model)
-            save_file(best_weights, files.weights)
+            best, best_weights = (row["val/mean/accuracy"], epoch), _cpu_state(model) if main else None
+            if main:
+                save_file(best_weights, files.weights)
         save_checkpoint(epoch, None)  # before the metrics: a kill in between is caught up on resume
         fault_point("train.after_epoch_checkpoint")
+        if not main:
+            continue
         _log_epoch(row, cosines, tasks.names)
         log.info(
             "epoch %d/%d: train loss %.3f, val mean accuracy %.3f (%s), %.1f images/s",
@@ -409,6 +442,8 @@ def fit(
         raise RuntimeError("train: no epoch was trained")
     total_images, total_seconds = totals["images"], totals["seconds"]
     throughput = total_images / total_seconds if total_seconds else 0.0
+    if not main:
+        return TrainResult("", best[1], best[0], throughput)
     print(f"train: {throughput:.1f} images/s on {device} ({total_images} images in {total_seconds:.1f} s)")
     torch.save(
         {"epoch": cfg.train.epochs, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "weighting": weighting.state_dict()},
@@ -427,7 +462,7 @@ def fit(
         "train_seconds": total_seconds,
         "skipped_steps": totals["skipped"],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "device": str(device),
+        "device": str(device) + (f" x {dist.world_size} processes" if dist.enabled else ""),
         "val": {t: history[best[1] - 1][f"val/{t}/accuracy"] for t in tasks.names},
     }
     files.summary.write_text(json.dumps(summary, indent=2) + "\n")
@@ -483,6 +518,17 @@ def run_train(cfg: PipelineConfig, root: Path, fresh: bool = False) -> TrainResu
             result = fit(cfg, paths, tasks, files, resume=resume)
     checkpoint.remove(folder)  # finished: nothing left to resume
     return result
+
+
+def stage_fits(cfg: PipelineConfig, tasks: TaskSpec) -> list[tuple[PipelineConfig, TaskSpec, list[int] | None, bool]]:
+    """The `fit` calls `run_train` makes, in order (what the other ranks of a distributed run mirror:
+    training.ddp): one model, or one per task group; both measure task-gradient affinities."""
+    if not cfg.model.task_groups:
+        return [(cfg, tasks, None, True)]
+    from mtl_core.models.grouped import validate_groups
+
+    groups = validate_groups(cfg.model.task_groups, tasks.names)
+    return [(cfg, TaskSpec({t: tasks.classes[t] for t in g}), [tasks.names.index(t) for t in g], True) for g in groups]
 
 
 def checkpoint_run_ids(root: Path) -> set[str]:

@@ -59,6 +59,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from mtl_core.runtime import SINGLE, Distributed
+
 
 @dataclass
 class StepContext:
@@ -82,6 +84,11 @@ class StepContext:
     """The weight(s) of the last layer that every task shares (GradNorm's W), as the architecture
     defines it (`MultiTaskModel.last_shared_layer`); None where the architecture has no single one
     (MMoE's parallel experts, cross-stitch's per-task branches)."""
+    dist: Distributed = SINGLE
+    """The distributed context. Under DDP the trainer gives every method losses whose VALUE is the
+    global batch's (the same on every rank) and whose gradient is this rank's share, and `labelled` for
+    the global batch; a method that takes per-task gradients itself (`reduces_gradients`) reduces them
+    with it, so that every rank combines the global batch's gradients and takes the same step."""
 
 
 class LossWeighting(ABC):
@@ -92,6 +99,11 @@ class LossWeighting(ABC):
     needs_losses_after_step: ClassVar[bool] = False
     """True for methods (FAMO) whose `after_step` needs the losses re-evaluated after the optimizer
     step; the trainer then does one extra no-grad forward pass per step (see `after_step`)."""
+
+    reduces_gradients: ClassVar[bool] = False
+    """True for methods that take the per-task gradients with torch.autograd.grad and write `.grad`
+    themselves (the gradient-balancing ones): under DDP the trainer runs their step in `no_sync()` and
+    they reduce what they take through `ctx.dist`. False: one ordinary backward that DDP averages."""
 
     def __init__(self, task_names: Sequence[str], **options: Any) -> None:
         if options:

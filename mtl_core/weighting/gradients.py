@@ -124,8 +124,31 @@ def apply_shared_gradient(combined: Tensor, ctx: StepContext, on: GradientSource
         ctx.shared_repr.backward(combined.view_as(ctx.shared_repr).to(ctx.shared_repr.dtype))
 
 
+def global_gram(grads: Tensor, ctx: StepContext, on: GradientSource) -> tuple[Tensor, Tensor]:
+    """(grads, Gram matrix) of the GLOBAL batch under DDP (unchanged with one process).
+
+    The rank's per-task gradients are its share of the global batch's, scaled by the world size W (the
+    trainer's losses use the global denominator / W). On the parameters the global gradients are their
+    mean over the ranks: one all-reduce of K x P floats. On the representation each rank holds the rows
+    of its own samples, so the global Gram matrix is sum_r G_r G_r^T / W^2: one all-reduce of K x K
+    floats; the rank keeps its own rows (the combined gradient of its samples, up to the factor W that
+    the final mean of the parameter gradients takes out)."""
+    dist = ctx.dist
+    if on == "params":
+        grads = dist.mean(grads)
+        return grads, gram_matrix(grads)
+    return grads, dist.sum(gram_matrix(grads)) / dist.world_size**2
+
+
 class GradientBalancing(LossWeighting):
-    """Base of the methods that combine per-task gradients (option `on`: params | representation)."""
+    """Base of the methods that combine per-task gradients (option `on`: params | representation).
+
+    Under DDP (`reduces_gradients`): the per-task gradients or their Gram matrix are reduced over the
+    ranks before the solve (`global_gram`), so every rank solves the same K x K problem; the gradients
+    each rank still holds of its own samples (the heads', and on the representation the backbone's)
+    are averaged after it. Communication per step: K x P + heads (params), K x K + P (representation)."""
+
+    reduces_gradients = True
 
     def __init__(self, task_names: Sequence[str], *, on: str = "params", **options: Any) -> None:
         super().__init__(task_names, **options)
@@ -145,7 +168,13 @@ class GradientBalancing(LossWeighting):
             return weights
         active = [t for t, m in zip(self.task_names, mask.tolist()) if m]
         grads = shared_task_gradients([losses[t] for t in active], active, ctx, self.on)
-        w = self.combine_weights(gram_matrix(grads), stacked.detach()[mask.to(stacked.device)].double().cpu())
+        grads, gram = global_gram(grads, ctx, self.on)
+        w = self.combine_weights(gram, stacked.detach()[mask.to(stacked.device)].double().cpu())
         apply_shared_gradient(combine(grads, w), ctx, self.on)
+        if ctx.dist.enabled:  # what is still this rank's own: the heads' (and the backbone's) gradients
+            local = [p for t in active for p in ctx.task_params.get(t, [])]
+            if self.on == "representation":
+                local += trainable(ctx.shared_params)
+            ctx.dist.average_gradients(local)
         weights[mask] = w
         return weights

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl_core.weighting.base import LossWeighting, StepContext, register_weighting
-from mtl_core.weighting.gradients import task_gradients
+from mtl_core.weighting.gradients import global_gram, task_gradients
 
 
 def gradnorm_loss(
@@ -99,8 +99,13 @@ class GradNorm(LossWeighting):
         first = mask.to(w.device) & torch.isnan(self.initial_losses)
         self.initial_losses = torch.where(first, current, self.initial_losses)
         active = [self.task_names[i] for i in idx.tolist()]
-        per_task = task_gradients([losses[t] for t in active], self._wrt(ctx), retain_graph=True)
-        norms = per_task.float().norm(dim=1).to(w.device)
+        wrt = self._wrt(ctx)
+        per_task = task_gradients([losses[t] for t in active], wrt, retain_graph=True)
+        if ctx.dist.enabled:  # the global batch's |grad_W L_t|: the diagonal of the reduced Gram matrix
+            source = "representation" if wrt[0] is ctx.shared_repr else "params"
+            norms = global_gram(per_task, ctx, source)[1].diagonal().clamp_min(0).sqrt().to(w.device, torch.float32)
+        else:
+            norms = per_task.float().norm(dim=1).to(w.device)
         l_grad = gradnorm_loss(
             w[idx_w], norms, current[idx_w], self.initial_losses[idx_w], self.alpha
         )

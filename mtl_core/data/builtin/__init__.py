@@ -11,8 +11,9 @@ from pathlib import Path
 
 from mtl_core.data.builtin.shapes import generate_shapes
 
-# name -> generator(out_dir, num_images, image_size, seed) -> path of the written manifest CSV
-BuiltinGenerator = Callable[[Path, int, int, int], Path]
+# name -> generator(out_dir, num_images, image_size, seed, mapper=None) -> path of the written manifest CSV;
+# mapper(fn, chunks, num_images) runs fn on each chunk of images, in order (the ingest stage: a process pool)
+BuiltinGenerator = Callable[..., Path]
 
 BUILTIN_DATASETS: dict[str, BuiltinGenerator] = {
     "shapes": generate_shapes,

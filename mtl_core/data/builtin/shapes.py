@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import colorsys
 import csv
-import io
 import math
 import operator
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,11 +248,31 @@ def render_example(seed: int, index: int, image_size: int) -> tuple[ShapeSpec, n
     return spec, np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def generate_shapes(out_dir: Path, num_images: int = 6000, image_size: int = 64, seed: int = 0) -> Path:
+def _write_images(args: tuple[Path, int, int, int, int, int]) -> list[list[str]]:
+    """Render and save images start..end-1 (in a worker process); their manifest rows."""
+    out_dir, start, end, image_size, seed, width = args
+    rows = []
+    for i in range(start, end):
+        spec, pixels = render_example(seed, i, image_size)
+        rel = f"images/{i:0{width}d}.png"
+        Image.fromarray(pixels, mode="RGB").save(out_dir / rel, format="PNG", compress_level=1)
+        rows.append([rel, *(getattr(spec, task) for task in SHAPE_TASKS)])
+    return rows
+
+
+Mapper = Callable[[Callable[[tuple], list[list[str]]], Iterable[tuple], int], Iterable[list[list[str]]]]
+"""mapper(fn, chunks, num_images) -> fn(chunk) for each chunk, in order (e.g. over a process pool)."""
+
+
+def generate_shapes(
+    out_dir: Path, num_images: int = 6000, image_size: int = 64, seed: int = 0, mapper: Mapper | None = None
+) -> Path:
     """Write ``out_dir/images/<id>.png`` and ``out_dir/labels.csv`` (path + one column per task).
 
     Deterministic: the same (num_images, image_size, seed) gives a byte-identical CSV and identical
-    pixels, and image ``i`` does not depend on ``num_images``. Returns the CSV path.
+    pixels, and image ``i`` does not depend on ``num_images``, nor on how ``mapper`` spreads the chunks of
+    images (the ingest stage passes its process pool; None renders them in this process). Returns the
+    CSV path.
     """
     num_images = operator.index(num_images)
     if num_images < 1:
@@ -260,22 +280,19 @@ def generate_shapes(out_dir: Path, num_images: int = 6000, image_size: int = 64,
     image_size, seed = _check_size(image_size), _check_seed(seed)
 
     out_dir = Path(out_dir)
-    images_dir = out_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     width = max(6, len(str(num_images - 1)))
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", *SHAPE_TASKS])
-    for i in range(num_images):
-        spec, pixels = render_example(seed, i, image_size)
-        rel = f"images/{i:0{width}d}.png"
-        Image.fromarray(pixels, mode="RGB").save(out_dir / rel, format="PNG", compress_level=1)
-        writer.writerow([rel, *(getattr(spec, task) for task in SHAPE_TASKS)])
-
+    step = max(16, min(256, -(-num_images // 32)))  # about 32 chunks of work, for a mapper's pool
+    chunks = ((out_dir, a, min(a + step, num_images), image_size, seed, width) for a in range(0, num_images, step))
+    if mapper is None:
+        mapper = lambda fn, items, total: map(fn, items)  # noqa: E731
     # Write-then-rename so an interrupted run never leaves a truncated manifest behind.
     csv_path = out_dir / "labels.csv"
     tmp = csv_path.with_name(csv_path.name + ".tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8", newline="")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", *SHAPE_TASKS])
+        for rows in mapper(_write_images, chunks, num_images):
+            writer.writerows(rows)
     os.replace(tmp, csv_path)
     return csv_path
