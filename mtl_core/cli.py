@@ -8,8 +8,6 @@ import logging
 import os
 import sys
 
-from mtl_core.pipeline import STAGES, TRAINING_STAGES, run_stage
-
 KNOWN_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RuntimeError)
 
 
@@ -25,10 +23,21 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(stages: bool = True) -> argparse.ArgumentParser:
+    """The `mtl` parser; `stages=False` leaves out the stage commands, whose names come with the pipeline
+    and its config (`mtl predict` does without their 0.3 s of imports)."""
     parser = argparse.ArgumentParser(prog="mtl", description="Multi-task image classification pipeline.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    if stages:
+        _add_stage_parsers(sub)
+    _add_predict_parser(sub)
+    return parser
+
+
+def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
+    from mtl_core.pipeline import STAGES, TRAINING_STAGES
+
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage (what `dvc repro` calls)")
         p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
@@ -38,8 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "--fresh", action="store_true",
                 help="ignore the checkpoints in checkpoints/ and start over (default: resume a killed run)",
             )  # fmt: skip
-    _add_predict_parser(sub)
-    return parser
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -83,15 +90,23 @@ def _predict(args: argparse.Namespace) -> None:
         prediction.print_table(records, model.source)
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand of `argv` (its first word that is not an option: `mtl` takes only -v / --help)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(stages=_command(argv) != "predict").parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        if args.command in STAGES:
-            run_stage(args.command, args.params, args.root, fresh=getattr(args, "fresh", False))
-        elif args.command == "predict":
+        if args.command == "predict":
             _predict(args)
+        else:
+            from mtl_core.pipeline import run_stage
+
+            run_stage(args.command, args.params, args.root, fresh=getattr(args, "fresh", False))
     except KNOWN_ERRORS as err:
         if args.verbose:
             raise

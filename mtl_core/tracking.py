@@ -17,33 +17,61 @@ SQLite store, and looks up or creates the experiment, under a file lock next to 
 20000` on each of its sessions, so a writer waits up to 20 s for another one instead of failing with
 "database is locked". Several machines (or clones that should not write artifacts into one another's
 folders) need an MLflow server instead, see README "Several pipelines, one store".
+
+MLflow is imported where it is used, not with this module: `mtl predict` resolves the project's store here
+and reads a local champion without MLflow's two seconds of imports (registry/prediction.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import filelock
-import mlflow
 import yaml
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
-from mtl_core.config import PipelineConfig
 from mtl_core.paths import ProjectPaths
+
+if TYPE_CHECKING:
+    import mlflow
+
+    from mtl_core.config import PipelineConfig
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 # How long a process waits for another one to create / migrate a SQLite store (a fresh store takes a few
 # seconds, a migration of a large one can take minutes).
 STORE_LOCK_TIMEOUT_S = 600.0
+
+# How the MLflow UI (3.x) shows the experiment. Its GenAI / "Model training" switch is a setting of each
+# browser (default GenAI) that `?workflowType=machine_learning` in a URL overrides; MLflow UIs that pick
+# the view from the experiment read the experiment-kind tag instead, so both are set (README: MLflow).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" / "Model training" experiments
+PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"  # the chart view leads with it
+PRIMARY_METRIC = "test/mean/accuracy"
+NOTE_TAG = "mlflow.note.content"  # the description of an experiment or a run (markdown)
+# A saved view of the runs table is an experiment tag `mlflow.sharedViewState.<key>` (the UI's Views menu,
+# and the URL `...#/experiments/<id>/runs?viewStateShareKey=<key>`): the runs table, by default, shows no
+# metric column at all; this view shows the test accuracies and Δm, best run first.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RESULTS_VIEW = "mtl-results"
+RESULTS_VIEW_NAME = "Results"
+EXPERIMENT_NOTE = """Runs of the mtl-pipeline, named after what they trained:
+
+* `mtl-<weighting>-<backbone>`: a multi-task model (`mtl-famo-resnet18`; the architecture is named when it is
+  not hard sharing, `-groups` marks a model of task groups); its description has the per-task test table;
+* `stl-<task>-<backbone>`: the single-task baseline of one task, for Δm (`compare/delta_m_pct/accuracy`).
+
+The saved view *Results* (Views menu) shows the test accuracy of every task and Δm, best run first.
+"""
 
 
 def store_root(root: Path) -> Path:
@@ -76,9 +104,25 @@ def experiment_tags(cfg: PipelineConfig) -> dict[str, str]:
     return tags
 
 
-def run_name(cfg: PipelineConfig) -> str:
-    """The multi-task run's name in the MLflow UI: its method, e.g. `famo · hard_sharing · resnet18`."""
-    return f"{cfg.train.weighting} · {cfg.model.arch} · {cfg.model.backbone}"
+def run_name(cfg: PipelineConfig, kind: str = "mtl", task: str | None = None) -> str:
+    """A run's name in the MLflow UI: what it trained, short enough for the runs table's name column.
+
+    * `mtl`: the multi-task model, `mtl-<weighting>-<backbone>` (`mtl-famo-resnet18`), with the architecture
+      when it is not hard sharing (`mtl-famo-mmoe-resnet18`) and `-groups` for a grouped model;
+    * `stl`: the single-task baseline of `task`, `stl-<task>-<backbone>` (`stl-shape-resnet18`);
+    * `all_in_one`: the ungrouped multi-task reference of a grouped model, `mtl-...-all-in-one`.
+    """
+    arch = "" if cfg.model.arch == "hard_sharing" else f"-{cfg.model.arch}"
+    method = f"mtl-{cfg.train.weighting}{arch}-{cfg.model.backbone}"
+    if kind == "mtl":
+        return method + ("-groups" if cfg.model.task_groups else "")
+    if kind == "stl":
+        if not task:
+            raise ValueError("a single-task run name needs its task")
+        return f"stl-{task}-{cfg.model.backbone}"
+    if kind == "all_in_one":
+        return f"{method}-all-in-one"
+    raise ValueError(f"unknown run kind {kind!r}: expected mtl, stl or all_in_one")
 
 
 def sqlite_db_path(uri: str) -> Path | None:
@@ -98,6 +142,8 @@ def store_lock(uri: str) -> Iterator[None]:
     if db is None:
         yield
         return
+    import filelock
+
     db.parent.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S)
     try:
@@ -127,6 +173,9 @@ def artifact_location(uri: str) -> str | None:
 def _initialise_store(uri: str) -> None:
     """Make MLflow create / migrate the tables of the store now (it does so lazily, on the first use of its
     tracking store and, separately, of its registry store, both in the same SQLite file)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=uri)
     client.search_experiments(max_results=1)
     if mlflow.get_registry_uri() == uri:
@@ -136,15 +185,86 @@ def _initialise_store(uri: str) -> None:
 def _experiment_id(name: str, location: str | None) -> str:
     """The id of experiment `name`, created when missing. Another process may create it between our look-up
     and our create (a server store, where no lock of ours applies): then read it again."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        _complete_experiment_tags(exp.experiment_id, exp.tags)
         return exp.experiment_id
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location, tags=ui_experiment_tags())
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := mlflow.get_experiment_by_name(name)) is None:
             raise
         return exp.experiment_id
+
+
+def results_view_state(tasks: list[str] | tuple[str, ...] = (), keep: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The runs table of the saved view *Results*: the mean and per-task test accuracy, Δm and the
+    registered model as columns (then those of `keep` not among them), sorted by the mean test accuracy,
+    best first."""
+    metrics = [PRIMARY_METRIC, *(f"test/{t}/accuracy" for t in tasks), "compare/delta_m_pct/accuracy"]
+    ours = [f"metrics.`{m}`" for m in metrics] + ["attributes.`Models`", "attributes.`Dataset`"]
+    columns = list(dict.fromkeys([*ours, *keep]))
+    return {
+        "orderByKey": f"metrics.`{PRIMARY_METRIC}`", "orderByAsc": False,
+        "selectedColumns": columns, "columnOrder": columns,
+    }  # fmt: skip
+
+
+def results_view_tag(tasks: list[str] | tuple[str, ...] = (), keep: list[str] | tuple[str, ...] = ()) -> tuple[str, str]:
+    """(tag key, value) of the saved view: the UI's envelope {name, createdAt, updatedAt, state}, whose
+    `state` is the JSON of the view (the UI saves it compressed, and reads it either way)."""
+    now_ms = int(time.time() * 1000)
+    state = json.dumps(results_view_state(tasks, keep))
+    value = {"name": RESULTS_VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms, "state": state}
+    return VIEW_TAG_PREFIX + RESULTS_VIEW, json.dumps(value)
+
+
+def results_view_path(experiment_id: str) -> str:
+    """The UI path (after the server's address) that opens the experiment's runs on the *Results* view,
+    in the "Model training" mode whatever the browser had chosen."""
+    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={RESULTS_VIEW}"
+
+
+def ui_experiment_tags() -> dict[str, str]:
+    """The tags a new experiment gets: opens on training runs, leads with the mean test accuracy, says what
+    its runs are, and has the *Results* view (without per-task columns until a model is evaluated)."""
+    key, view = results_view_tag()
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, PRIMARY_METRIC_TAG: PRIMARY_METRIC, NOTE_TAG: EXPERIMENT_NOTE, key: view}
+
+
+def _complete_experiment_tags(experiment_id: str, tags: dict[str, str]) -> None:
+    """Give an experiment created before these settings the missing ones; what is set is left alone (a
+    user may have chosen another kind, written another description or changed the view in the UI)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in ui_experiment_tags().items():
+        if key not in tags:
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+def publish_results_view(experiment_id: str, tasks: list[str]) -> None:
+    """Give the *Results* view a test-accuracy column for each of `tasks` (the evaluate stage knows them),
+    keeping the columns it has (another project's tasks in the same experiment).
+
+    A view saved from the UI (its state compressed, which this does not read) is the user's: left alone."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    key, _ = results_view_tag()
+    current = client.get_experiment(experiment_id).tags.get(key)
+    shown: list[str] = []
+    if current is not None:
+        try:
+            shown = list(json.loads(json.loads(current)["state"])["selectedColumns"])
+        except (ValueError, KeyError, TypeError):
+            return
+    wanted = results_view_state(tasks, keep=shown)["selectedColumns"]
+    if wanted != shown:
+        client.set_experiment_tag(experiment_id, key, results_view_tag(tasks, keep=shown)[1])
 
 
 def setup_mlflow(cfg: PipelineConfig, root: Path) -> str:
@@ -153,6 +273,8 @@ def setup_mlflow(cfg: PipelineConfig, root: Path) -> str:
     A SQLite store is created or migrated, and the experiment looked up or created, under the store's file
     lock, so several processes can start on one fresh store at the same moment.
     """
+    import mlflow
+
     uri = tracking_uri(cfg, root)
     user_setting = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -168,6 +290,81 @@ def setup_mlflow(cfg: PipelineConfig, root: Path) -> str:
         exp_id = _experiment_id(cfg.mlflow.experiment, artifact_location(uri))
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+# --------------------------------------------------------------------- per-task results in the UI
+# A mean over tasks hides a task the model does not learn, so the run's and the model version's
+# descriptions lead with the table of all tasks, each beside its majority-class rate (what always
+# answering the test split's most frequent class scores: an accuracy at or below it is chance); the same
+# table is logged with the run as an MLflow table, which the UI sorts.
+
+TABLE_FILE = "metrics/test_per_task.json"  # run artifact of mlflow.log_table
+TABLE_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+
+
+def per_task_rows(per_task: Mapping[str, Mapping[str, float]], majority: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """One row per task: its test metrics, labelled test images (`support`) and majority-class rate."""
+    rows = []
+    for task, values in per_task.items():
+        row: dict[str, Any] = {"task": task}
+        row.update({m: _number(values.get(m)) for m in TABLE_METRICS})
+        row["support"] = int(values.get("support", 0))
+        row["majority_rate"] = _number((majority or {}).get(task))
+        rows.append(row)
+    return rows
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def task_table_markdown(
+    per_task: Mapping[str, Mapping[str, float]], mean: Mapping[str, float], majority: Mapping[str, float] | None = None
+) -> str:
+    """The markdown table: a row per task (accuracy, macro F1, labelled test images, majority-class rate,
+    a mark where the accuracy is no better than that rate), then the mean over tasks."""
+    lines = [
+        "| task | accuracy | macro F1 | test images | majority class |",
+        "|:--|--:|--:|--:|--:|",
+    ]
+    for row in per_task_rows(per_task, majority):
+        accuracy, chance, n = row["accuracy"], row["majority_rate"], row["support"]
+        # compared as counts of test images, as the champion gate does: a float32 accuracy of 1/3 is above 1/3
+        at_chance = accuracy is not None and chance is not None and n and round(accuracy * n) <= round(chance * n)
+        mark = " (chance)" if at_chance else ""
+        lines.append(
+            f"| {row['task']} | {_cell(accuracy)}{mark} | {_cell(row['f1_macro'])} | {row['support']} | {_cell(chance)} |"
+        )
+    lines.append(f"| **mean** | **{_cell(_number(mean.get('accuracy')))}** | {_cell(_number(mean.get('f1_macro')))} | | |")
+    return "\n".join(lines)
+
+
+def run_description(
+    name: str, what: str, per_task: Mapping[str, Mapping[str, float]], mean: Mapping[str, float],
+    majority: Mapping[str, float] | None = None,
+) -> str:
+    """The run's description (`mlflow.note.content`): what it trained, then its per-task test table."""
+    return (
+        f"**{name}**: {what}\n\n"
+        f"Test split, per task:\n\n{task_table_markdown(per_task, mean, majority)}\n\n"
+        f"(Sortable: artifact `{TABLE_FILE}`; *(chance)*: no better than always answering the test split's "
+        "most frequent class.)\n"
+    )
+
+
+def version_description(
+    run_name: str, run_id: str, gate: str, per_task: Mapping[str, Mapping[str, float]], mean: Mapping[str, float],
+    majority: Mapping[str, float] | None = None,
+) -> str:
+    """The model version's description: its run, the champion gate's verdict, the per-task test table."""
+    return (
+        f"Trained by run **{run_name}** (`{run_id}`). Champion gate: {gate}.\n\n"
+        f"Test split, per task:\n\n{task_table_markdown(per_task, mean, majority)}\n"
+    )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -231,6 +428,8 @@ def read_run_info(paths: ProjectPaths) -> dict[str, str]:
 @contextmanager
 def model_run(cfg: PipelineConfig, root: Path) -> Iterator[mlflow.ActiveRun]:
     """Reopen the MLflow run of the model in `models/`."""
+    import mlflow
+
     setup_mlflow(cfg, root)
     info = read_run_info(ProjectPaths(root))
     with mlflow.start_run(run_id=info["run_id"]) as run:

@@ -1,4 +1,4 @@
-"""Image transforms: one resize shared by preprocessing and serving, and Albumentations pipelines.
+"""Image transforms: Albumentations pipelines (the resize shared by preprocessing and serving is `data.images.resize_rgb`).
 
 The training augmentation is declared in params.yaml (`preprocess.augment`, a list of Albumentations
 transform names with their arguments) and applied on the fly in the DataLoader workers; evaluation and
@@ -17,24 +17,13 @@ from collections.abc import Sequence  # noqa: E402
 import albumentations as A  # noqa: E402
 import numpy as np  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from mtl_core.config import AugmentStep, PreprocessConfig  # noqa: E402
+from mtl_core.data.images import resize_rgb  # noqa: E402,F401  (re-exported: the caches' resize)
 
 
 class TransformConfigError(ValueError):
     """An augmentation step in params.yaml names an unknown transform or bad arguments."""
-
-
-def resize_rgb(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """Any image -> uint8 RGB array (size, size, 3). Pillow's antialiased bilinear, used everywhere."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
 
 
 def _build_step(index: int, step: AugmentStep) -> A.BasicTransform:

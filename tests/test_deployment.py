@@ -152,6 +152,18 @@ def _flow_run_logs(url: str, flow_run_id: str) -> list[dict]:
             return logs
 
 
+def _flow_run_logs_with(url: str, flow_run_id: str, last: str, timeout: float = 60) -> list[dict]:
+    """The flow run's log records once the one whose message starts with `last` is stored. A run's state
+    is COMPLETED before its process has flushed its last log records to the API (they go in batches, and
+    the rest at exit), so records read the moment the state changes may lack the final lines."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = _flow_run_logs(url, flow_run_id)
+        if any(r["message"].startswith(last) for r in logs) or time.monotonic() > deadline:
+            return logs
+        time.sleep(1)
+
+
 def _task_runs(url: str, flow_run_id: str) -> list[dict]:
     return _post(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
 
@@ -198,7 +210,7 @@ def test_a_worker_of_a_process_pool_runs_the_prefect_yaml_deployment(served: dic
                 break
             assert worker.poll() is None, log_path.read_text()[-4000:]
             time.sleep(2)
-        messages = [r["message"] for r in _flow_run_logs(url, run["id"])]
+        messages = [r["message"] for r in _flow_run_logs_with(url, run["id"], "stages run:")]
         assert run["state"]["type"] == "COMPLETED", (run["state"], messages[-40:], log_path.read_text()[-3000:])
     finally:
         stop_process(worker)
@@ -281,7 +293,7 @@ def test_stage_output_is_streamed_to_the_run_log_and_a_skipped_stage_says_so(pre
         finally:
             if flow.poll() is None:
                 stop_process(flow)
-    messages = [r["message"] for r in _flow_run_logs(url, first["flow_run_id"])]
+    messages = [r["message"] for r in _flow_run_logs_with(url, first["flow_run_id"], "stage gated skipped: DVC")]
     assert messages.count("gated stage: first line") == 1 and "gated stage: last line" in messages, messages
     ran, again = _task_runs(url, first["flow_run_id"])
     assert (ran["state"]["type"], ran["state"]["name"]) == ("COMPLETED", "Completed"), ran["state"]

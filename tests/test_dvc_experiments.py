@@ -187,7 +187,7 @@ def test_each_experiment_has_its_mlflow_run_named_and_tagged_by_method(sweep: di
     for run in in_sweep:
         method = run.data.tags["mtl.weighting"]
         assert run.data.params["train.weighting"] == method
-        assert run.info.run_name == f"{method} · hard_sharing · small_cnn"
+        assert run.info.run_name == f"mtl-{method}-small_cnn"  # tracking.run_name
         assert run.data.tags["mtl.arch"] == "hard_sharing" and run.data.tags["mtl.backbone"] == "small_cnn"
         assert run.data.tags["dvc.exp_baseline_rev"] == sweep["head"]
         exp = names[run.data.tags["dvc.exp_name"]]  # the DVC experiment of this run

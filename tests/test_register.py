@@ -49,7 +49,23 @@ def _copy_project(src: Path, dest: Path) -> tuple[Path, PipelineConfig, ProjectP
     db.close()
     cfg = load_config(dest / "params.yaml")
     mlflow.set_tracking_uri(tracking_uri(cfg, dest))
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tracking_utils._artifact_repos_cache.clear()  # see _no_artifact_repo_of_another_copy
     return dest, cfg, ProjectPaths(dest)
+
+
+@pytest.fixture(autouse=True)
+def _no_artifact_repo_of_another_copy():
+    """MLflow caches each run's artifact repository by run id for the whole process, and a copied project's
+    run has the original's id: without this, a stage rerun in a copy (evaluate, register) wrote into the
+    shared project's mlartifacts/ (its confusion plots, its per-task table), and later reads of the shared
+    run read the copy's. Cleared around every test here."""
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tracking_utils._artifact_repos_cache.clear()
+    yield
+    tracking_utils._artifact_repos_cache.clear()
 
 
 def _majority(paths: ProjectPaths) -> dict[str, tuple[int, int]]:
@@ -153,6 +169,20 @@ def test_register_then_champion_moves_only_on_improvement(project, monkeypatch: 
     # any image size is accepted and resized like in preprocessing
     big = np.repeat(np.repeat(images[:1], 2, axis=1), 2, axis=2)
     assert len(model.predict(big)) == 1
+    # integers 0-255 (a JSON request's int64) are images too; a float image in [0, 1] is refused, briefly
+    assert list(model.predict(images.astype(np.int64))["shape"]) == list(out["shape"])
+    with pytest.raises(MlflowException) as refused:
+        model.predict(images.astype(np.float32) / 255)
+    assert "uint8" in refused.value.message and len(refused.value.message) < 200
+
+    # the version's description: its run, the gate's verdict and every task's test accuracy
+    description = client.get_model_version(name, "1").description
+    run = client.get_run(first.run_id)
+    assert f"**{run.info.run_name}**" in description and "Champion gate: passed" in description
+    metrics = json.loads(paths.test_metrics.read_text())
+    for task, values in metrics["tasks"].items():
+        assert f"| {task} | {values['accuracy']:.3f}" in description
+    assert f"| **mean** | **{metrics['mean']['accuracy']:.3f}** |" in description
 
     _retrained(cfg, root)
     _set_mean_accuracy(paths, first.mean_test_accuracy - 0.1)
@@ -214,6 +244,9 @@ def test_a_model_at_chance_is_registered_but_not_champion(fresh):
     tags = client.get_model_version(name, "1").tags
     assert (tags[GATE_TAG], tags[GATE_FAILURES_TAG]) == ("refused", "above_chance")
     assert "chance" in tags[GATE_REASON_TAG]
+    description = client.get_model_version(name, "1").description
+    assert "Champion gate: refused (not better than chance" in description
+    assert description.count("(chance)") == len(_majority(paths))  # every task's row marked
 
 
 def test_a_task_at_chance_is_named_but_does_not_refuse_a_model_above_chance(fresh):

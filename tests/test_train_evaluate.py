@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from mtl_core.config import load_config
 from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
-from mtl_core.tracking import read_run_info, tracking_uri
+from mtl_core.tracking import RESULTS_VIEW, TABLE_FILE, VIEW_TAG_PREFIX, read_run_info, run_name, tracking_uri
 from mtl_core.runtime import seed_everything
 from mtl_core.training.train import make_loaders, validate
 
@@ -98,3 +98,29 @@ def test_evaluate_logs_into_the_training_run(project):
     assert logged["test/mean/accuracy"] == pytest.approx(metrics["mean"]["accuracy"])
     confusion = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots/confusion")}
     assert confusion == {f"plots/confusion/{t}.png" for t in TASKS}
+
+
+def test_run_is_named_described_and_tabled_for_the_mlflow_ui(project):
+    """What the MLflow UI shows of the run: a name that says what it is, a description with every task's
+    test accuracy, the per-task table (sortable in the UI) and a column per task in the *Results* view."""
+    root, cfg, paths, run = project
+    client = MlflowClient()
+    run = client.get_run(run.info.run_id)
+    assert run.info.run_name == run_name(cfg) == f"mtl-{cfg.train.weighting}-small_cnn"
+    metrics = json.loads(paths.test_metrics.read_text())
+    description = run.data.tags["mlflow.note.content"]
+    assert description.startswith(f"**{run.info.run_name}**: multi-task model")
+    for t in TASKS:
+        assert f"| {t} | {metrics['tasks'][t]['accuracy']:.3f}" in description
+
+    table = client.load_table(run.info.experiment_id, TABLE_FILE, run_ids=[run.info.run_id])
+    assert list(table["task"]) == TASKS  # one row per task, evaluate having run once
+    for row in table.itertuples():
+        assert row.accuracy == pytest.approx(metrics["tasks"][row.task]["accuracy"], abs=1e-4)
+        assert row.support == metrics["tasks"][row.task]["support"]
+        assert 0 < row.majority_rate <= 1
+    assert {"path": TABLE_FILE, "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
+
+    tags = client.get_experiment(run.info.experiment_id).tags
+    view = json.loads(json.loads(tags[VIEW_TAG_PREFIX + RESULTS_VIEW])["state"])
+    assert [f"metrics.`test/{t}/accuracy`" for t in TASKS] == [c for c in view["selectedColumns"] if c.startswith("metrics.`test/") and "/mean/" not in c]

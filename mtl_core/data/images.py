@@ -85,3 +85,15 @@ def decode(source: Path | bytes) -> tuple[np.ndarray, ImageInfo]:
 def read_rgb(path: Path) -> np.ndarray:
     """The file's pixels as uint8 RGB (H, W, 3), as `decode` reads them."""
     return decode(Path(path))[0]
+
+
+def resize_rgb(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """Any image -> uint8 RGB array (size, size, 3): Pillow's antialiased bilinear. The one resize of the
+    training caches (preprocess) and of prediction (`registry/predictor.py`), so both see the same pixels."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)

@@ -2,13 +2,16 @@
 
 Writes `reports/test_metrics.json` (DVC metrics), `reports/predictions/<task>.csv` (actual/predicted,
 for DVC's confusion plots) and `reports/confusion/<task>.png`, and logs `test/<task>/<metric>` into
-the MLflow run that trained the model.
+the MLflow run that trained the model, with the per-task table as a sortable MLflow table and in the
+run's description, and a test-accuracy column per task in the experiment's *Results* view.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +28,15 @@ from torch.utils.data import DataLoader  # noqa: E402
 from mtl_core.config import PipelineConfig  # noqa: E402
 from mtl_core.data.dataset import CachedMultiTaskDataset  # noqa: E402
 from mtl_core.evaluation.metrics import mean_over_tasks, task_metrics  # noqa: E402
-from mtl_core.evaluation.task_relations import error_correlation, plot_task_matrix  # noqa: E402
+from mtl_core.evaluation.task_relations import error_correlation, error_correlation_gaps, plot_task_matrix  # noqa: E402
 from mtl_core.inference import predict_loader  # noqa: E402
 from mtl_core.models import MultiTaskModel  # noqa: E402
 from mtl_core.models.io import load_model  # noqa: E402
 from mtl_core.paths import ProjectPaths  # noqa: E402
 from mtl_core.tasks import MISSING_LABEL  # noqa: E402
-from mtl_core.tracking import model_run  # noqa: E402
+from mtl_core.tracking import (  # noqa: E402
+    NOTE_TAG, TABLE_FILE, model_run, per_task_rows, publish_results_view, results_view_path, run_description,
+)
 from mtl_core.runtime import select_device  # noqa: E402
 from mtl_core.transforms import eval_transform  # noqa: E402
 
@@ -80,6 +85,29 @@ def score(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: 
     return per_task, confusions, probs, targets
 
 
+def majority_rates(targets: np.ndarray, task_names: list[str]) -> dict[str, float]:
+    """Per task, the test accuracy of always answering its most frequent test class (NaN: no label)."""
+    rates = {}
+    for k, task in enumerate(task_names):
+        y = targets[:, k][targets[:, k] != MISSING_LABEL]
+        rates[task] = float(np.bincount(y).max() / y.size) if y.size else float("nan")
+    return rates
+
+
+def log_table_replacing(frame: pd.DataFrame, artifact_file: str) -> None:
+    """`mlflow.log_table` into the active run, replacing the table instead of appending to it when the run
+    has it already (evaluate rerun in the same run: DVC reran the stage after a code change)."""
+    run_id = mlflow.active_run().info.run_id
+    folder, name = posixpath.split(artifact_file)
+    if not any(a.path == artifact_file for a in mlflow.MlflowClient().list_artifacts(run_id, folder or None)):
+        mlflow.log_table(frame, artifact_file)
+        return
+    with tempfile.TemporaryDirectory(prefix="mtl-table-") as tmp:
+        path = Path(tmp) / name
+        frame.to_json(path, orient="split", index=False, date_format="iso")  # as log_table writes it
+        mlflow.log_artifact(str(path), artifact_path=folder or None)
+
+
 def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
     paths = ProjectPaths(root)
     device = select_device(cfg.train.device)
@@ -100,8 +128,12 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
     correlation = [[None if np.isnan(v) else v for v in row] for row in errors.tolist()]  # JSON has no NaN
     paths.error_correlation.write_text(json.dumps({"tasks": model.task_names, "correlation": correlation}, indent=2) + "\n")
     plot_task_matrix(
-        errors, model.task_names, "correlation of per-sample test errors", paths.error_correlation.with_suffix(".png")
-    )
+        errors, model.task_names, "correlation of per-sample test errors", paths.error_correlation.with_suffix(".png"),
+        na_note=[
+            "a correlation needs errors that vary, on test images labelled for both tasks",
+            *error_correlation_gaps(probs, targets, model.task_names),
+        ],
+    )  # fmt: skip
 
     mean = mean_over_tasks(per_task)
     paths.test_metrics.write_text(json.dumps({"tasks": per_task, "mean": mean}, indent=2) + "\n")
@@ -112,13 +144,22 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
         )  # fmt: skip
     log.info("test mean over tasks: %s", ", ".join(f"{m} {v:.3f}" for m, v in mean.items()))
 
-    with model_run(cfg, root):
+    majority = majority_rates(targets, model.task_names)
+    with model_run(cfg, root) as run:
         flat = {f"test/{t}/{m}": float(v) for t, vs in per_task.items() for m, v in vs.items() if m != "support"}
         flat.update({f"test/mean/{m}": v for m, v in mean.items()})
         mlflow.log_metrics(flat)
+        log_table_replacing(pd.DataFrame(per_task_rows(per_task, majority)).round(4), TABLE_FILE)
+        what = (
+            f"multi-task model, weighting `{cfg.train.weighting}`, architecture `{spec['arch']}`, backbone "
+            f"`{spec['backbone']}`, evaluated on {len(targets)} test images."
+        )
+        mlflow.set_tag(NOTE_TAG, run_description(run.info.run_name, what, per_task, mean, majority))
+        publish_results_view(run.info.experiment_id, model.task_names)
         mlflow.log_artifact(str(paths.test_metrics), artifact_path="metrics")
         mlflow.log_artifacts(str(paths.confusion_dir), artifact_path="plots/confusion")
         mlflow.log_artifact(str(paths.error_correlation), artifact_path="task_relations")
         mlflow.log_artifact(str(paths.error_correlation.with_suffix(".png")), artifact_path="task_relations")
         mlflow.set_tag("mtl.evaluated", "true")
+        log.info("MLflow UI: every run's results at <mlflow ui address>%s", results_view_path(run.info.experiment_id))
     return EvaluateResult(per_task, mean)

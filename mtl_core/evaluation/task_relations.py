@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from torch import Tensor
 
 from mtl_core.tasks import MISSING_LABEL
 from mtl_core.weighting.gradients import task_gradients, trainable
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def cosine_matrix(grads: Tensor) -> np.ndarray:
@@ -162,20 +165,62 @@ def error_correlation(probs: dict[str, np.ndarray], targets: np.ndarray, task_na
     return out
 
 
-def plot_task_matrix(matrix: np.ndarray, task_names: Sequence[str], title: str, out: Path) -> None:
-    import matplotlib
+def error_correlation_gaps(probs: dict[str, np.ndarray], targets: np.ndarray, task_names: Sequence[str]) -> list[str]:
+    """Why cells of `error_correlation` are n/a, one line per cause: a task whose test errors do not vary
+    (every answer right, or every one wrong: a constant has no correlation), or a pair of tasks with fewer
+    than two test images labelled for both."""
+    labelled = targets != MISSING_LABEL
+    lines: list[str] = []
+    for i, t in enumerate(task_names):
+        n = int(labelled[:, i].sum())
+        wrong = int((probs[t].argmax(1) != targets[:, i])[labelled[:, i]].sum()) if n else 0
+        if n < 2:
+            lines.append(f"{t}: {n} labelled test image{'s' if n != 1 else ''}")
+        elif wrong == 0:
+            lines.append(f"{t}: no error on its {n} test images")
+        elif wrong == n:
+            lines.append(f"{t}: every one of its {n} test images wrong")
+    for i in range(len(task_names)):
+        for j in range(i + 1, len(task_names)):
+            both = int((labelled[:, i] & labelled[:, j]).sum())
+            if 2 > both and labelled[:, i].sum() >= 2 and labelled[:, j].sum() >= 2:
+                lines.append(f"{task_names[i]} & {task_names[j]}: {both} test image(s) labelled for both")
+    return lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def task_matrix_figure(
+    matrix: np.ndarray, task_names: Sequence[str], title: str, na_note: str | Sequence[str] | None = None
+) -> Figure:
+    """Heatmap of a K x K task matrix in [-1, 1]. A NaN cell is grey and reads "n/a", and the figure says
+    why below the matrix: `na_note` (a line, or one line per cause), else that the pair has no value."""
+    import matplotlib
+    from matplotlib.figure import Figure
 
     k = len(task_names)
-    fig, ax = plt.subplots(figsize=(1.1 * k + 2.5, 1.1 * k + 1.5))
-    im = ax.imshow(matrix, cmap="RdBu", vmin=-1, vmax=1)
+    notes: list[str] = []
+    if np.isnan(matrix).any():
+        given = [na_note] if isinstance(na_note, str) else list(na_note or [])
+        notes = ["n/a: " + (given[0] if given else "no value for this pair of tasks"), *given[1:]]
+    note_height = 0.15 * len(notes) + 0.1 if notes else 0.0  # inches below the axes for the notes
+    height = 1.1 * k + 1.5 + note_height
+    fig = Figure(figsize=(max(1.1 * k + 2.5, 5.5 if notes else 0.0), height))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="0.85")  # n/a in grey: white is a correlation of 0
+    im = ax.imshow(matrix, cmap=cmap, vmin=-1, vmax=1)
     ax.set(xticks=range(k), yticks=range(k), xticklabels=task_names, yticklabels=task_names, title=title)
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    for label in ax.get_xticklabels():
+        label.set(rotation=45, ha="right")
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    if notes:
+        fig.text(0.02, 0.05 / height, "\n".join(notes), ha="left", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, note_height / height, 1, 1))
+    return fig
+
+
+def plot_task_matrix(
+    matrix: np.ndarray, task_names: Sequence[str], title: str, out: Path, na_note: str | Sequence[str] | None = None
+) -> None:
+    """`task_matrix_figure`, saved as a PNG."""
+    task_matrix_figure(matrix, task_names, title, na_note).savefig(out, dpi=100)

@@ -1,16 +1,22 @@
 """`mtl predict`: class and probability per task for image files, from a registered or a local model.
 
 A model is named either by an MLflow model URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`,
-`runs:/RUN_ID/model`, ...), loaded as the registered pyfunc from the project's tracking store, or by a
-local path:
+`runs:/RUN_ID/model`, ...), resolved through the project's tracking store, or by a local path:
 
 - a trained-model folder (the train stage's `models/`): `model_spec.json` plus `model.safetensors`
   (the best-on-validation weights), or, when there are no safetensors, `checkpoint.pt` (last epoch);
 - a `.safetensors` file, or a training checkpoint `.pt`/`.pth` file (read with `weights_only=True`),
   each with the `model_spec.json` next to it;
-- a downloaded MLflow model folder (one with an `MLmodel` file), loaded as a pyfunc.
+- a downloaded MLflow model folder (one with an `MLmodel` file).
 
-The first two need neither MLflow nor a params.yaml: they predict with `MultiTaskPredictor` directly.
+`mtl predict` is meant to run in a shell loop, so it imports only what the model needs. An MLflow model of
+this project's pyfunc (`pyfunc_model.py`) whose folder is on this machine is read straight from its files
+(spec and safetensors weights, with the pyfunc's own `MultiTaskPredictor`), without MLflow's pyfunc
+loader, which copied the whole model folder and checked its pip requirements. `models:/NAME@ALIAS` and
+`models:/NAME/VERSION` in the project's own SQLite store are looked up in its registry tables read-only,
+without importing MLflow (two seconds on 2 cores); any other URI or store, a schema this does not know,
+a version that is not READY, or a model folder elsewhere goes through MLflow as before. The local folders
+need neither MLflow nor a params.yaml.
 
 Every error names the thing at fault (image file, model URI and tracking store, model folder and the
 files it lacks) and is a ValueError, FileNotFoundError or RuntimeError, which the CLI reports as such.
@@ -19,25 +25,28 @@ files it lacks) and is a ValueError, FileNotFoundError or RuntimeError, which th
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
-import pandas as pd
-import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
-from mtl_core.config import PipelineConfig, load_config
-from mtl_core.registry.predictor import MultiTaskPredictor
-from mtl_core.transforms import resize_rgb
+from mtl_core.data.images import ImageError, decode, resize_rgb
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mtl_core.config import PipelineConfig
+    from mtl_core.registry.predictor import MultiTaskPredictor
 
 CHAMPION = "champion"  # same alias as mtl_core.registry.register (not imported: that pulls in MLflow)
 SPEC_FILE = "model_spec.json"
@@ -60,14 +69,19 @@ class ModelLoadError(RuntimeError):
     """A model cannot be found or loaded; the message names the URI or path (and tracking store)."""
 
 
+PYFUNC_CODE_FILE = "pyfunc_model.py"  # the registered pyfunc's code (register.PYFUNC_CODE)
+CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to predict: `predict(images)` -> the pyfunc's DataFrame (`<task>`, ...)."""
+    """A model ready to predict: `probabilities(images)` -> {task: (N, classes) array}, tasks in the
+    model's order."""
 
     source: str  # what was loaded, for messages: the URI or the files
     tasks: dict[str, list[str]]  # task -> class names, in label order
     image_size: int | None  # images are resized to this first (None: the model resizes each)
-    predict: Callable[[np.ndarray | list[np.ndarray]], pd.DataFrame]
+    probabilities: Callable[[list[np.ndarray]], dict[str, np.ndarray]]
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -94,15 +108,13 @@ def check_images(images: Sequence[str | Path]) -> list[Path]:
 
 
 def read_image(path: Path, size: int | None = None) -> np.ndarray:
-    """Any mode and size -> uint8 RGB (H, W, 3); resized to (size, size) when size is given."""
+    """uint8 RGB (H, W, 3) as ingest and preprocess decode it (EXIF orientation applied, 16-bit and float
+    images scaled by their range: `mtl_core.data.images.decode`), resized to (size, size) when size is given."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if size is not None:
-                return resize_rgb(im, size)
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # what PIL raises on bad files
+        pixels, _ = decode(Path(path))
+    except ImageError as err:
         raise ImageReadError(f"cannot read image {path}: {err}") from None
+    return pixels if size is None else resize_rgb(pixels, size)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -124,6 +136,8 @@ def load_model_for_prediction(model: str | None, root: Path, params: Path) -> Lo
     """
     if model and not is_model_uri(model):
         return load_local_model(Path(model))
+    from mtl_core.config import load_config
+
     cfg = load_config(params if params.is_absolute() else root / params)
     return load_mlflow_model(model or default_model_uri(cfg), cfg, root)
 
@@ -137,19 +151,22 @@ def _sqlite_file(uri: str) -> Path | None:
 
 
 def load_mlflow_model(uri: str, cfg: PipelineConfig, root: Path) -> LoadedModel:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     from mtl_core.tracking import tracking_uri
 
     store = tracking_uri(cfg, root)
-    if uri.split(":", 1)[0].lower() in _STORE_SCHEMES:
-        db = _sqlite_file(store)
-        if db is not None and not db.is_file():  # MLflow would silently create an empty store
-            raise ModelLoadError(
-                f"cannot load model {uri}: no MLflow tracking store at {db} (tracking URI {store}); "
-                "run the register stage first, or pass --model with a trained models/ folder"
-            )
+    db = _sqlite_file(store)
+    if uri.split(":", 1)[0].lower() in _STORE_SCHEMES and db is not None and not db.is_file():
+        # MLflow would silently create an empty store
+        raise ModelLoadError(
+            f"cannot load model {uri}: no MLflow tracking store at {db} (tracking URI {store}); "
+            "run the register stage first, or pass --model with a trained models/ folder"
+        )
+    if db is not None and (folder := registry_model_folder(db, uri)) is not None:
+        if (local := _pyfunc_files(folder)) is not None:
+            return _from_weights(*local, source=uri)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     mlflow.set_tracking_uri(store)
     try:
         pyfunc = mlflow.pyfunc.load_model(uri)
@@ -160,24 +177,99 @@ def load_mlflow_model(uri: str, cfg: PipelineConfig, root: Path) -> LoadedModel:
     return _from_pyfunc(pyfunc, source=uri)
 
 
+_REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?")
+
+
+def registry_model_folder(db: Path, uri: str) -> Path | None:
+    """The local folder of the model version that `models:/NAME@ALIAS` or `models:/NAME/VERSION` names in
+    the SQLite store `db`, read from MLflow's registry tables (`registered_model_aliases`,
+    `model_versions`) read-only; None whenever MLflow should answer instead: another kind of URI, a
+    registry elsewhere ($MLFLOW_REGISTRY_URI) or in workspaces, no such version (MLflow's error says
+    why), a version not READY or deleted, artifacts not on this machine, a schema this does not know."""
+    match = _REGISTRY_URI.fullmatch(uri)
+    if match is None or os.environ.get("MLFLOW_REGISTRY_URI") or os.environ.get("MLFLOW_WORKSPACE"):
+        return None
+    if os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true"):
+        return None
+    name, alias, version = match["name"], match["alias"], match["version"]
+    columns = "v.status, v.current_stage, v.storage_location, v.source"
+    if alias:  # workspaces off: every row is in MLflow's 'default' workspace
+        query = (
+            f"SELECT {columns} FROM registered_model_aliases a JOIN model_versions v ON v.workspace = a.workspace "
+            "AND v.name = a.name AND v.version = a.version WHERE a.workspace = 'default' AND a.name = ? AND a.alias = ?"
+        )
+        args: tuple[Any, ...] = (name, alias)
+    else:
+        query = f"SELECT {columns} FROM model_versions v WHERE v.workspace = 'default' AND v.name = ? AND v.version = ?"
+        args = (name, int(version))
+    try:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=20)) as conn:
+            rows = conn.execute(query, args).fetchall()
+    except sqlite3.Error:  # not MLflow's schema (an older one, a newer one): ask MLflow
+        return None
+    if len(rows) != 1:
+        return None
+    status, stage, storage_location, source = rows[0]
+    if status != "READY" or stage == "Deleted_Internal":
+        return None
+    location = storage_location or source or ""
+    parsed = urlparse(location)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        folder = Path(unquote(parsed.path))
+    elif parsed.scheme == "" and Path(location).is_absolute():
+        folder = Path(location)
+    else:
+        return None
+    return folder if (folder / MLMODEL_FILE).is_file() else None
+
+
+def _pyfunc_files(folder: Path) -> tuple[Path, Path] | None:
+    """(spec, weights) of an MLflow model folder logged by this project's register stage (its pyfunc is
+    `pyfunc_model.py` over a `spec` and a `weights` artifact); None for any other MLflow model."""
+    import yaml
+
+    try:
+        mlmodel = yaml.safe_load((folder / MLMODEL_FILE).read_text())
+        flavor = mlmodel["flavors"]["python_function"]
+        artifacts = flavor["artifacts"]
+        ours = flavor.get("loader_module") == CODE_MODEL_LOADER and Path(flavor["model_code_path"]).name == PYFUNC_CODE_FILE
+        spec, weights = folder / artifacts["spec"]["path"], folder / artifacts["weights"]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return (spec, weights) if ours and spec.is_file() and weights.is_file() else None
+
+
 def _from_pyfunc(pyfunc: Any, source: str) -> LoadedModel:
+    """A model that only MLflow's pyfunc loader can load: its DataFrame answer read back as probabilities."""
     metadata = getattr(pyfunc.metadata, "metadata", None) or {}
     tasks = metadata.get("tasks")
     if not isinstance(tasks, dict) or not tasks:
         raise ModelLoadError(
             f"model {source} has no task metadata (metadata['tasks']); was it registered by `mtl register`?"
         )
+    tasks = {str(t): [str(c) for c in cs] for t, cs in tasks.items()}
     size = metadata.get("image_size")
     return LoadedModel(
         source=source,
-        tasks={str(t): [str(c) for c in cs] for t, cs in tasks.items()},
+        tasks=tasks,
         image_size=int(size) if size else None,
-        predict=lambda images: pyfunc.predict(_as_batch(images)),
+        probabilities=lambda images: _frame_probabilities(pyfunc.predict(_as_batch(images)), tasks, source),
     )
 
 
-def _as_batch(images: np.ndarray | list[np.ndarray]) -> np.ndarray:
-    return images if isinstance(images, np.ndarray) else np.stack(images)
+def _as_batch(images: list[np.ndarray]) -> np.ndarray:
+    return np.stack(images)
+
+
+def _frame_probabilities(frame: pd.DataFrame, tasks: dict[str, list[str]], source: str) -> dict[str, np.ndarray]:
+    """{task: (N, classes)} from the pyfunc's `<task>_prob_<class>` columns, tasks in the columns' order
+    (the MLmodel metadata has them sorted by name)."""
+    expected = [c for t, cs in tasks.items() for c in (t, f"{t}_probability", *(f"{t}_prob_{c}" for c in cs))]
+    missing = [c for c in expected if c not in frame.columns]
+    if missing:
+        raise ModelLoadError(f"model {source} returned no column(s) {', '.join(missing)}")
+    order = sorted(tasks, key=frame.columns.get_loc)
+    return {t: frame[[f"{t}_prob_{c}" for c in tasks[t]]].to_numpy(dtype=np.float64) for t in order}
 
 
 def load_local_model(path: Path) -> LoadedModel:
@@ -196,6 +288,8 @@ def load_local_model(path: Path) -> LoadedModel:
                 f"model folder {path} has {SPEC_FILE} but no weights: expected {WEIGHTS_FILE} (or {CHECKPOINT_FILE})"
             )
         if (path / MLMODEL_FILE).is_file():
+            if (local := _pyfunc_files(path)) is not None:
+                return _from_weights(*local, source=str(path))
             import mlflow
             from mlflow.exceptions import MlflowException
 
@@ -218,7 +312,11 @@ def load_local_model(path: Path) -> LoadedModel:
     )
 
 
-def _from_weights(spec: Path, weights: Path) -> LoadedModel:
+def _from_weights(spec: Path, weights: Path, source: str | None = None) -> LoadedModel:
+    from safetensors import SafetensorError
+
+    from mtl_core.registry.predictor import MultiTaskPredictor
+
     try:
         if weights.suffix in CHECKPOINT_SUFFIXES:
             predictor = checkpoint_predictor(spec, weights)
@@ -230,10 +328,10 @@ def _from_weights(spec: Path, weights: Path) -> LoadedModel:
         # read_spec: ValueError; a spec without a key: KeyError; load_state_dict on other weights: RuntimeError
         raise ModelLoadError(f"cannot load model from {spec} and {weights}: {type(err).__name__}: {err}") from None
     return LoadedModel(
-        source=str(weights),
+        source=source or str(weights),
         tasks=predictor.spec["tasks"],
         image_size=predictor.size,
-        predict=predictor.predict_images,
+        probabilities=predictor.probabilities,
     )
 
 
@@ -244,6 +342,11 @@ def checkpoint_predictor(spec_path: Path, checkpoint_path: Path, device: str = "
     The weights go through a temporary safetensors file so that the network is rebuilt by the very code
     that loads the train stage's model.safetensors (`mtl_core.models.io.load_model`).
     """
+    import torch
+    from safetensors.torch import save_file
+
+    from mtl_core.registry.predictor import MultiTaskPredictor
+
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
@@ -269,29 +372,20 @@ def predict_files(model: LoadedModel, images: Sequence[Path], batch_size: int = 
     for chunk in _batches(list(images), batch_size):
         arrays = [read_image(p, model.image_size) for p in chunk]
         # without a known size the model resizes each image itself; sizes may differ, so one at a time
-        frames = [model.predict(arrays)] if model.image_size else [model.predict(a[None]) for a in arrays]
-        frame = pd.concat(frames, ignore_index=True)
-        tasks = _task_order(model, frame)
-        for path, row in zip(chunk, frame.to_dict("records"), strict=True):
-            predictions = {t: _task_prediction(row, t, model.tasks[t]) for t in tasks}
+        answers = [model.probabilities(arrays)] if model.image_size else [model.probabilities([a]) for a in arrays]
+        rows = [(answer, i) for answer in answers for i in range(len(next(iter(answer.values()))))]
+        for path, (answer, i) in zip(chunk, rows, strict=True):
+            predictions = {t: _task_prediction(p[i], model.tasks[t]) for t, p in answer.items()}
             records.append({"image": str(path), "predictions": predictions})
     return records
 
 
-def _task_order(model: LoadedModel, frame: pd.DataFrame) -> list[str]:
-    """The model's tasks in its output's column order (the registry's metadata has them sorted by name)."""
-    expected = [c for t, cs in model.tasks.items() for c in (t, f"{t}_probability", *(f"{t}_prob_{c}" for c in cs))]
-    missing = [c for c in expected if c not in frame.columns]
-    if missing:
-        raise ModelLoadError(f"model {model.source} returned no column(s) {', '.join(missing)}")
-    return sorted(model.tasks, key=frame.columns.get_loc)
-
-
-def _task_prediction(row: dict[str, Any], task: str, classes: list[str]) -> dict[str, Any]:
+def _task_prediction(probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    best = int(probs.argmax())
     return {
-        "class": str(row[task]),
-        "probability": float(row[f"{task}_probability"]),
-        "probabilities": {c: float(row[f"{task}_prob_{c}"]) for c in classes},
+        "class": str(classes[best]),
+        "probability": float(probs[best]),
+        "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
     }
 
 

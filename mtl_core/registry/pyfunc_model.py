@@ -4,7 +4,10 @@ MLflow stores this file's source, not a pickled object: at load time it runs the
 the network from `mtl_core` and the JSON spec and loads safetensors weights. So the model loads with
 `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`.
 
-Input: a uint8 array of RGB images (N, H, W, 3), any H and W (resized like in preprocessing).
+Input: RGB images as uint8 (N, H, W, 3), any H and W (resized like in preprocessing); over HTTP
+(`mlflow models serve`), `{"inputs": <nested lists of 0-255 integers>}`. Anything else (floats, values
+outside 0-255, other channel counts) is refused with a one-line error (HTTP 400), see
+`predictor.as_image_batch`.
 Output: a DataFrame with, per task, the predicted class `<task>`, its probability
 `<task>_probability`, and one column `<task>_prob_<class>` per class.
 """
@@ -16,9 +19,31 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from mtl_core.registry.predictor import MultiTaskPredictor
+from mtl_core.registry.predictor import ImageInputError, MultiTaskPredictor
+
+
+class InvalidImagesError(MlflowException):
+    """A request's images refused: HTTP 400 with our one-line message.
+
+    MLflow's scoring server rewrites the message of an MlflowException raised by a model to
+    `Failed to predict data '<the whole input>'. Error: ...` (thousands of numbers for one image); this
+    error keeps its own message, so the client reads what is wrong and not the array it sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._own_message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_own_message"):  # set once, by __init__
+            self._own_message = value
 
 
 class MultiTaskPyfunc(mlflow.pyfunc.PythonModel):
@@ -26,9 +51,10 @@ class MultiTaskPyfunc(mlflow.pyfunc.PythonModel):
         self.predictor = MultiTaskPredictor(context.artifacts["spec"], context.artifacts["weights"])
 
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame):
-            raise TypeError("pass images as a uint8 numpy array of shape (N, H, W, 3), not a DataFrame")
-        return self.predictor.predict_images(model_input)
+        try:
+            return self.predictor.predict_images(model_input)
+        except ImageInputError as err:
+            raise InvalidImagesError(f"invalid images: {err}") from None
 
 
 set_model(MultiTaskPyfunc())

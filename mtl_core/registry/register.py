@@ -51,7 +51,6 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
 from safetensors import safe_open
 
 import mtl_core
@@ -60,7 +59,7 @@ from mtl_core.faults import fault_point
 from mtl_core.paths import ProjectPaths
 from mtl_core.registry.predictor import MultiTaskPredictor
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
-from mtl_core.tracking import file_sha256, model_run
+from mtl_core.tracking import file_sha256, model_run, version_description
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +231,13 @@ def _logged_model_of_run(run: mlflow.ActiveRun, weights_sha: str) -> str | None:
 
 
 def _log_model(paths: ProjectPaths, weights_sha: str) -> str:
+    """Log the pyfunc. Its signature has outputs only: an input schema of uint8 tensors makes MLflow's
+    scoring server cast a JSON request to uint8 before the model sees it (a float image in [0, 1] became
+    zeros, answered with HTTP 200), so the model checks dtype, range and channels itself
+    (`predictor.as_image_batch`); the input example shows the format."""
     predictor = MultiTaskPredictor(paths.model_spec, paths.weights)
     example = np.load(paths.images_cache("test"), mmap_mode="r")[:2].copy()
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), name=None)]),
-        outputs=infer_signature(example, predictor.predict_images(example)).outputs,
-    )
+    signature = ModelSignature(outputs=infer_signature(example, predictor.predict_images(example)).outputs)
     info = mlflow.pyfunc.log_model(
         name=LOGGED_MODEL_NAME,
         python_model=str(PYFUNC_CODE),
@@ -286,7 +286,14 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
         client.set_model_version_tag(name, version, GATE_REASON_TAG, (gate.describe() or "passed")[:MAX_TAG_VALUE])
         if gate.at_chance:
             client.set_model_version_tag(name, version, "mtl.tasks_at_chance", "; ".join(gate.at_chance)[:MAX_TAG_VALUE])
-        client.update_model_version(name, version, description=f"mean test accuracy {score:.4f} (run {run_id})")
+        majority = {t: (m / n if n else float("nan")) for t, (m, n) in majority_counts(paths).items()}
+        verdict = "passed" if gate.passed else f"refused ({gate.describe()})"
+        if gate.at_chance:
+            verdict += f"; no better than chance on {', '.join(gate.at_chance)}"
+        description = version_description(
+            client.get_run(run_id).info.run_name, run_id, verdict, metrics.get("tasks", {}), metrics.get("mean", {}), majority
+        )
+        client.update_model_version(name, version, description=description[:MAX_TAG_VALUE])  # the store's limit too
 
         if prev_version == version:
             # an earlier attempt for this run already moved the alias (or this version has been champion

@@ -55,7 +55,7 @@ def run_all_in_one(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict
     import mlflow
 
     from mtl_core.tasks import TaskSpec
-    from mtl_core.tracking import git_commit, ingested_data_hash, setup_mlflow
+    from mtl_core.tracking import git_commit, ingested_data_hash, run_name, setup_mlflow
     from mtl_core.training.baselines import fit_and_score, training_cost
     from mtl_core.training import checkpoint
     from mtl_core.training.runs import fail_orphan_runs, recorded_run_ids, training_run
@@ -67,8 +67,7 @@ def run_all_in_one(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict
     resume_dir = checkpoint.checkpoints_root(root) / "all_in_one"
     fp = checkpoint.fingerprint(all_cfg, paths, None)
     fail_orphan_runs(exp_id, "all_in_one", keep=recorded_run_ids(resume_dir))
-    run_name = f"all-in-one reference · {cfg.train.weighting}"
-    with training_run(resume_dir, fp, experiment_id=exp_id, run_name=run_name, fresh=fresh) as (run, resume):
+    with training_run(resume_dir, fp, experiment_id=exp_id, run_name=run_name(cfg, "all_in_one"), fresh=fresh) as (run, resume):
         if not resume.resumed:
             log_config_params(all_cfg)
             tags = {"mtl.stage": "all_in_one", "mtl.kind": "all_in_one_reference", **ingested_data_hash(root)}

@@ -24,7 +24,7 @@ from mtl_core.evaluation.evaluate import make_test_loader, score
 from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
-from mtl_core.tracking import git_commit, ingested_data_hash, setup_mlflow
+from mtl_core.tracking import git_commit, ingested_data_hash, run_name, setup_mlflow
 from mtl_core.training import checkpoint
 from mtl_core.runtime import select_device
 from mtl_core.training.runs import Resume, fail_orphan_runs, recorded_run_ids, training_run
@@ -94,7 +94,7 @@ def run_baselines(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict[
     for k, task in enumerate(tasks.names):
         resume_dir = resume_root / task
         fp = checkpoint.fingerprint(single_cfg, paths, [k])
-        with training_run(resume_dir, fp, experiment_id=exp_id, run_name=f"single-task {task}", fresh=fresh) as (run, resume):
+        with training_run(resume_dir, fp, experiment_id=exp_id, run_name=run_name(cfg, "stl", task), fresh=fresh) as (run, resume):
             if not resume.resumed:
                 log_config_params(single_cfg)
                 tags = {"mtl.stage": "baselines", "mtl.kind": "single_task_baseline", "mtl.task": task, **ingested_data_hash(root)}

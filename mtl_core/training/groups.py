@@ -27,7 +27,8 @@ from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.training import checkpoint
 from mtl_core.training.runs import training_run
-from mtl_core.training.train import ModelFiles, TrainResult, _write_gradient_cosine, fit, plot_history, write_model_spec
+from mtl_core.evaluation.curves import plot_training_curves
+from mtl_core.training.train import ModelFiles, TrainResult, _write_gradient_cosine, fit, write_model_spec
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def fit_groups(
         metrics = {k: float(v) for k, v in row.items() if k != "epoch" and k.split("/")[0] in ("train", "val") and math.isfinite(v)}
         mlflow.log_metrics(metrics, step=int(row["epoch"]))
     curves = paths.reports_dir / "training_curves.png"
-    plot_history(history, tasks.names, curves)
+    plot_training_curves(history, tasks.names, curves)
     mlflow.log_artifact(str(curves), artifact_path="plots")
     cosines = merge_cosines(cosine_reports, groups, tasks.names)
     _write_gradient_cosine(paths.gradient_cosine, tasks.names, cosines, cfg.train.task_affinity_every)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from mtl_core.config import PipelineConfig, TrainConfig
+from mtl_core.evaluation.curves import plot_training_curves
 from mtl_core.evaluation.task_relations import GradientCosineTracker, plot_task_matrix
 from mtl_core.faults import fault_point
 from mtl_core.data.dataset import CachedMultiTaskDataset
@@ -153,25 +154,6 @@ def write_model_spec(
     if task_groups:
         spec["task_groups"] = [list(g) for g in task_groups]
     path.write_text(json.dumps(spec, indent=2) + "\n")
-
-
-def plot_history(history: pd.DataFrame, tasks: list[str], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for t in tasks:
-        for split, style in (("train", "--"), ("val", "-")):
-            axes[0].plot(history["epoch"], history[f"{split}/{t}/loss"], style, label=f"{t} ({split})")
-            axes[1].plot(history["epoch"], history[f"{split}/{t}/accuracy"], style, label=f"{t} ({split})")
-    axes[0].set(title="loss per task", xlabel="epoch")
-    axes[1].set(title="accuracy per task", xlabel="epoch", ylim=(0, 1))
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 @dataclass(frozen=True)
@@ -451,7 +433,7 @@ def fit(
     )
     frame = pd.DataFrame(history)
     frame.to_csv(files.history, index=False, quoting=csv.QUOTE_MINIMAL)
-    plot_history(frame, tasks.names, files.curves)
+    plot_training_curves(frame, tasks.names, files.curves)
     mlflow.log_artifact(str(files.curves), artifact_path="plots")
     if files.gradient_cosine is not None:
         _write_gradient_cosine(files.gradient_cosine, tasks.names, cosines, cfg.train.task_affinity_every)

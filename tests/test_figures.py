@@ -1,0 +1,89 @@
+"""The report figures: a task keeps its colour across train and val curves; an n/a cell says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import to_hex
+
+from mtl_core.evaluation.curves import grid_shape, plot_training_curves, training_curves_figure
+from mtl_core.evaluation.task_relations import error_correlation, error_correlation_gaps, task_matrix_figure
+from mtl_core.tasks import MISSING_LABEL
+
+TASKS = ["shape", "color", "size", "position"]
+
+
+def _history(epochs: int = 3) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    data = {"epoch": range(1, epochs + 1)}
+    for split in ("train", "val"):
+        for t in TASKS:
+            data[f"{split}/{t}/loss"] = rng.random(epochs)
+            data[f"{split}/{t}/accuracy"] = rng.random(epochs)
+    return pd.DataFrame(data)
+
+
+def test_one_panel_per_task_with_one_colour_for_its_train_and_val_curves(tmp_path: Path):
+    fig = training_curves_figure(_history(), TASKS)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title() for ax in panels] == TASKS  # one panel per task, in order
+    colours = set()
+    for ax, task in zip(panels, TASKS, strict=True):
+        twin = [o for o in fig.axes if o is not ax and o.bbox.bounds == ax.bbox.bounds]  # the loss axis
+        lines = {line.get_label(): line for a in (ax, *twin) for line in a.get_lines()}
+        assert set(lines) == {f"{task} ({s})" for s in ("train", "val")} | {f"{task} loss ({s})" for s in ("train", "val")}
+        task_colours = {to_hex(line.get_color()) for line in lines.values()}
+        assert len(task_colours) == 1, task_colours  # train and val, loss and accuracy alike
+        colours |= task_colours
+        assert lines[f"{task} (train)"].get_linestyle() == "--" and lines[f"{task} (val)"].get_linestyle() == "-"
+        assert list(lines[f"{task} (val)"].get_ydata()) == list(_history()[f"val/{task}/accuracy"])
+    assert len(colours) == len(TASKS)  # tasks apart
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend == ["train", "val", "loss (right axis)"]  # the line style once, no task legend
+    plot_training_curves(_history(), TASKS, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_forty_tasks_fill_a_grid_of_small_panels_of_a_readable_size():
+    tasks = [f"attr_{i:02d}" for i in range(40)]
+    assert grid_shape(40) == (7, 6) and grid_shape(4) == (2, 2) and grid_shape(1) == (1, 1) and grid_shape(7) == (3, 3)
+    rng = np.random.default_rng(0)
+    history = pd.DataFrame({"epoch": [1, 2], **{f"{s}/{t}/{m}": rng.random(2) for s in ("train", "val") for t in tasks for m in ("loss", "accuracy")}})
+    fig = training_curves_figure(history, tasks)
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()] == tasks
+    width, height = fig.get_size_inches()
+    assert width <= 14 and height <= 15  # 1,380 x 1,400 px at the saved 100 dpi
+    assert sum(not ax.get_visible() for ax in fig.axes) == 2  # the grid's two spare cells are hidden
+
+
+def _texts(fig) -> str:
+    return "\n".join(t.get_text() for t in fig.texts)
+
+
+def test_an_na_cell_of_the_error_correlation_says_why():
+    """`color` makes no error and `size` has one labelled test image: their cells are n/a, and the
+    figure says so under the matrix; a matrix without n/a has no such note."""
+    n = 12
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, 3, (n, len(TASKS)))
+    targets[1:, 2] = MISSING_LABEL  # size: one labelled image
+    probs = {t: rng.random((n, 3)) for t in TASKS}
+    probs["color"][np.arange(n), targets[:, 1]] = 9.0  # every color answer right
+    for t in ("shape", "position"):  # some right, some wrong
+        k = TASKS.index(t)
+        probs[t][: n // 2][np.arange(n // 2), targets[: n // 2, k]] = 9.0
+        probs[t][n // 2 :][np.arange(n - n // 2), (targets[n // 2 :, k] + 1) % 3] = 9.0
+
+    matrix = error_correlation(probs, targets, TASKS)
+    assert np.isnan(matrix[1]).all() and np.isnan(matrix[2]).all() and not np.isnan(matrix[0, 3])
+    gaps = error_correlation_gaps(probs, targets, TASKS)
+    assert gaps == ["color: no error on its 12 test images", "size: 1 labelled test image"]
+    fig = task_matrix_figure(matrix, TASKS, "errors", na_note=["a correlation needs errors that vary", *gaps])
+    note = _texts(fig)
+    assert note.startswith("n/a: a correlation needs errors that vary") and all(g in note for g in gaps)
+    assert sum(t.get_text() == "n/a" for t in fig.axes[0].texts) == int(np.isnan(matrix).sum())
+
+    assert "n/a" in _texts(task_matrix_figure(np.full((2, 2), np.nan), ["a", "b"], "not measured"))  # a default why
+    assert _texts(task_matrix_figure(np.eye(2), ["a", "b"], "all measured")) == ""
