@@ -102,7 +102,9 @@ def publish_metrics(project_dir: Path) -> list[dict[str, object]]:
     if comparison.get("enabled"):
         m = comparison["primary_metric"]
         for row in rows[:-1]:
-            vs = comparison["tasks"][row["task"]][m]
+            vs = comparison["tasks"][row["task"]].get(m)
+            if vs is None:  # auroc / average_precision: a task with more than two classes has none
+                continue
             row[f"single_task_{m}"] = round(vs["stl"], 4)
             row["relative_pct"] = round(vs["relative_pct"], 2)
             row["negative_transfer"] = row["task"] in comparison["negative_transfer"]

@@ -441,10 +441,21 @@ class CompareConfig(_Strict):
     """Single-task baselines (one model per task, same backbone, budget and data) and the gain Δm."""
 
     single_task: bool = False
-    metrics: list[Literal["accuracy", "precision_macro", "recall_macro", "f1_macro"]] = Field(
-        default_factory=lambda: ["accuracy", "f1_macro"], min_length=1,
-        description="Metrics compared; the first decides negative transfer.",
+    shared_input: bool = Field(
+        True,
+        description="The single-task baselines decode and augment each epoch's batches once: the first "
+        "task's training records them, the others replay them (same weights as separate trainings; "
+        "training/batch_cache.py). false: each baseline reads the data itself.",
     )
+    metrics: list[
+        Literal["accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "average_precision"]
+    ] = Field(
+        default_factory=lambda: ["balanced_accuracy", "accuracy"], min_length=1,
+        description="Metrics compared (mtl_core/evaluation/metrics.py); the first decides Δm's headline and "
+        "negative transfer. Default balanced accuracy: a head that always answers the majority class scores "
+        "chance (1/C) on it, where its accuracy is the majority rate (0.99 on a 1 %-positive attribute). "
+        "auroc and average_precision exist for two-class tasks only and are compared over those.",
+    )  # fmt: skip
 
 
 class ScheduleConfig(_Strict):

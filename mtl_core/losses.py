@@ -65,6 +65,30 @@ def weighted_cross_entropy(
     return torch.where(positive, numerator / torch.where(positive, denominator, 1.0), numerator * 0.0)
 
 
+def stacked_cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    sample_weights: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    denominators: Tensor | None = None,
+) -> Tensor:
+    """`weighted_cross_entropy` (no class weights) of J tasks with the same class count at once:
+    logits (N, J, C), targets (N, J) -> (J,) losses, one cross-entropy call for all of them. Task j's
+    value is exactly `weighted_cross_entropy(logits[:, j], targets[:, j], sample_weights,
+    label_smoothing=label_smoothing, denominator=denominators[j])` (the same formula; only the order
+    of the float sums may differ)."""
+    logits = logits.float()
+    labelled = targets != MISSING_LABEL
+    s = labelled.float() if sample_weights is None else torch.where(labelled, sample_weights.float()[:, None], 0.0)
+    r = F.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=MISSING_LABEL, label_smoothing=label_smoothing, reduction="none"
+    )  # (N, J), 0 where the label is missing
+    numerator = (s * r).sum(0)
+    denominator = s.sum(0) if denominators is None else denominators.to(numerator.dtype)
+    positive = denominator > 0
+    return torch.where(positive, numerator / torch.where(positive, denominator, 1.0), numerator * 0.0)
+
+
 def loss_denominator(targets: Tensor, sample_weights: Tensor | None = None, class_weights: Tensor | None = None) -> Tensor:
     """sum over the labelled samples of s_i * c_{y_i}: what `weighted_cross_entropy` divides by."""
     labelled = targets != MISSING_LABEL
@@ -137,6 +161,7 @@ class TaskLoss:
             t: None if (class_weights or {}).get(t) is None else torch.as_tensor(class_weights[t], dtype=torch.float32)
             for t in self.task_names
         }
+        self._index: dict[tuple[tuple[int, ...], str], Tensor] = {}
 
     @classmethod
     def from_config(cls, train_cfg: TrainConfig, tasks: TaskSpec, train_labels: np.ndarray) -> TaskLoss:
@@ -154,6 +179,13 @@ class TaskLoss:
             log.info("class weights %s: %s", t, ", ".join(f"{c} {v:.3g}" for c, v in zip(tasks.classes[t], w)))
         return cls(tasks.names, weights, train_cfg.label_smoothing)
 
+    def _columns(self, columns: list[int], device: torch.device) -> Tensor:
+        """`columns` as an index tensor on `device`, made once (no host-to-device copy per step)."""
+        key = (tuple(columns), str(device))
+        if key not in self._index:
+            self._index[key] = torch.tensor(columns, device=device)
+        return self._index[key]
+
     def to(self, device: torch.device | str) -> TaskLoss:
         self.class_weights = {t: None if w is None else w.to(device) for t, w in self.class_weights.items()}
         return self
@@ -168,11 +200,32 @@ class TaskLoss:
         self, logits: Mapping[str, Tensor], targets: Tensor, weights: Tensor | None = None, denominators: Tensor | None = None
     ) -> dict[str, Tensor]:
         """{task: loss} for logits per task, stacked targets (N, K) in task order and sample weights (N,);
-        `denominators` (K,): given instead of this batch's own (distributed training)."""
-        return {
-            t: weighted_cross_entropy(
+        `denominators` (K,): given instead of this batch's own (distributed training).
+
+        Tasks without class weights that have the same number of classes are computed together
+        (`stacked_cross_entropy`: one cross-entropy call for all of them, the same per-task values), so
+        that forty binary tasks cost a few kernels, not forty rounds of them; the others one by one."""
+        out: dict[str, Tensor] = {}
+        together: dict[int, list[int]] = {}
+        for k, t in enumerate(self.task_names):
+            if self.class_weights[t] is None:
+                together.setdefault(logits[t].shape[-1], []).append(k)
+        alone = [k for k, t in enumerate(self.task_names) if self.class_weights[t] is not None]
+        for columns in together.values():
+            if len(columns) == 1:
+                alone += columns
+                continue
+            names = [self.task_names[k] for k in columns]
+            index = self._columns(columns, targets.device)
+            losses = stacked_cross_entropy(
+                torch.stack([logits[t] for t in names], dim=1), targets.index_select(1, index), weights,
+                self.label_smoothing, None if denominators is None else denominators[index],
+            )  # fmt: skip
+            out.update(zip(names, losses.unbind()))
+        for k in alone:
+            t = self.task_names[k]
+            out[t] = weighted_cross_entropy(
                 logits[t], targets[:, k], weights, self.class_weights[t], self.label_smoothing,
                 None if denominators is None else denominators[k],
             )  # fmt: skip
-            for k, t in enumerate(self.task_names)
-        }
+        return {t: out[t] for t in self.task_names}

@@ -134,6 +134,11 @@ class ProjectPaths:
         return self.reports_dir / "confusion"
 
     @property
+    def confusion_grid(self) -> Path:
+        """Every task's confusion matrix in one figure (what `dvc plots show` draws)."""
+        return self.reports_dir / "confusion_grid.png"
+
+    @property
     def error_correlation(self) -> Path:
         """Correlation between tasks of per-sample test errors (+ a .png heatmap)."""
         return self.reports_dir / "task_error_correlation.json"

@@ -56,7 +56,9 @@ STORE_LOCK_TIMEOUT_S = 600.0
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" / "Model training" experiments
 PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"  # the chart view leads with it
-PRIMARY_METRIC = "test/mean/accuracy"
+# the default decision metric (compare.metrics[0], config.CompareConfig): a head that always answers its
+# majority class scores chance on it, where its accuracy looks good
+PRIMARY_METRIC = "test/mean/balanced_accuracy"
 NOTE_TAG = "mlflow.note.content"  # the description of an experiment or a run (markdown)
 # A saved view of the runs table is an experiment tag `mlflow.sharedViewState.<key>` (the UI's Views menu,
 # and the URL `...#/experiments/<id>/runs?viewStateShareKey=<key>`): the runs table, by default, shows no
@@ -68,9 +70,11 @@ EXPERIMENT_NOTE = """Runs of the mtl-pipeline, named after what they trained:
 
 * `mtl-<weighting>-<backbone>`: a multi-task model (`mtl-famo-resnet18`; the architecture is named when it is
   not hard sharing, `-groups` marks a model of task groups); its description has the per-task test table;
-* `stl-<task>-<backbone>`: the single-task baseline of one task, for Δm (`compare/delta_m_pct/accuracy`).
+* `stl-<task>-<backbone>`: the single-task baseline of one task, for Δm (`compare/delta_m_pct/<metric>`).
 
-The saved view *Results* (Views menu) shows the test accuracy of every task and Δm, best run first.
+The saved view *Results* (Views menu) shows the mean test balanced accuracy and accuracy, the balanced
+accuracy of every task and Δm, best run first (balanced accuracy: a head that always answers the majority
+class scores chance, 1/classes, however imbalanced the task).
 """
 
 
@@ -201,10 +205,13 @@ def _experiment_id(name: str, location: str | None) -> str:
 
 
 def results_view_state(tasks: list[str] | tuple[str, ...] = (), keep: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """The runs table of the saved view *Results*: the mean and per-task test accuracy, Δm and the
-    registered model as columns (then those of `keep` not among them), sorted by the mean test accuracy,
-    best first."""
-    metrics = [PRIMARY_METRIC, *(f"test/{t}/accuracy" for t in tasks), "compare/delta_m_pct/accuracy"]
+    """The runs table of the saved view *Results*: the mean test balanced accuracy, the mean accuracy, the
+    per-task balanced accuracy, Δm on both and the registered model as columns (then those of `keep` not
+    among them), sorted by the mean test balanced accuracy, best first."""
+    metrics = [
+        PRIMARY_METRIC, "test/mean/accuracy", *(f"test/{t}/balanced_accuracy" for t in tasks),
+        "compare/delta_m_pct/balanced_accuracy", "compare/delta_m_pct/accuracy",
+    ]  # fmt: skip
     ours = [f"metrics.`{m}`" for m in metrics] + ["attributes.`Models`", "attributes.`Dataset`"]
     columns = list(dict.fromkeys([*ours, *keep]))
     return {
@@ -247,7 +254,7 @@ def _complete_experiment_tags(experiment_id: str, tags: dict[str, str]) -> None:
 
 
 def publish_results_view(experiment_id: str, tasks: list[str]) -> None:
-    """Give the *Results* view a test-accuracy column for each of `tasks` (the evaluate stage knows them),
+    """Give the *Results* view a test balanced-accuracy column for each of `tasks` (the evaluate stage knows them),
     keeping the columns it has (another project's tasks in the same experiment).
 
     A view saved from the UI (its state compressed, which this does not read) is the user's: left alone."""
@@ -299,7 +306,10 @@ def setup_mlflow(cfg: PipelineConfig, root: Path) -> str:
 # table is logged with the run as an MLflow table, which the UI sorts.
 
 TABLE_FILE = "metrics/test_per_task.json"  # run artifact of mlflow.log_table
-TABLE_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+# the columns of the table (evaluation/metrics.py; auroc and average_precision: two-class tasks, else null)
+TABLE_METRICS = (
+    "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "average_precision",
+)  # fmt: skip
 
 
 def per_task_rows(per_task: Mapping[str, Mapping[str, float]], majority: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
@@ -325,11 +335,12 @@ def _cell(value: float | None) -> str:
 def task_table_markdown(
     per_task: Mapping[str, Mapping[str, float]], mean: Mapping[str, float], majority: Mapping[str, float] | None = None
 ) -> str:
-    """The markdown table: a row per task (accuracy, macro F1, labelled test images, majority-class rate,
-    a mark where the accuracy is no better than that rate), then the mean over tasks."""
+    """The markdown table: a row per task (accuracy, balanced accuracy, macro F1, AUROC of a two-class
+    task, labelled test images, majority-class rate, a mark where the accuracy is no better than that
+    rate), then the mean over tasks (AUROC: over the two-class tasks)."""
     lines = [
-        "| task | accuracy | macro F1 | test images | majority class |",
-        "|:--|--:|--:|--:|--:|",
+        "| task | accuracy | balanced acc. | macro F1 | AUROC | test images | majority class |",
+        "|:--|--:|--:|--:|--:|--:|--:|",
     ]
     for row in per_task_rows(per_task, majority):
         accuracy, chance, n = row["accuracy"], row["majority_rate"], row["support"]
@@ -337,9 +348,11 @@ def task_table_markdown(
         at_chance = accuracy is not None and chance is not None and n and round(accuracy * n) <= round(chance * n)
         mark = " (chance)" if at_chance else ""
         lines.append(
-            f"| {row['task']} | {_cell(accuracy)}{mark} | {_cell(row['f1_macro'])} | {row['support']} | {_cell(chance)} |"
+            f"| {row['task']} | {_cell(accuracy)}{mark} | {_cell(row['balanced_accuracy'])} | {_cell(row['f1_macro'])} "
+            f"| {_cell(row['auroc'])} | {row['support']} | {_cell(chance)} |"
         )
-    lines.append(f"| **mean** | **{_cell(_number(mean.get('accuracy')))}** | {_cell(_number(mean.get('f1_macro')))} | | |")
+    means = [_cell(_number(mean.get(m))) for m in ("accuracy", "balanced_accuracy", "f1_macro", "auroc")]
+    lines.append(f"| **mean** | **{means[0]}** | **{means[1]}** | {means[2]} | {means[3]} | | |")
     return "\n".join(lines)
 
 

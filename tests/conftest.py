@@ -59,6 +59,29 @@ def tiny_project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project through ingest and preprocess, once per session: `project_from` copies it for
+    tests that train on the tiny data with parameters of their own (ingest and preprocess do not depend
+    on the train or model sections)."""
+    from mtl_core.pipeline import run_stage
+
+    root = tmp_path_factory.mktemp("tiny-data") / "project"
+    (root / "data" / "datasets").mkdir(parents=True)
+    write_params(root)
+    for stage in ("ingest", "preprocess"):
+        run_stage(stage, root=root)
+    return root
+
+
+def project_from(data: Path, dest: Path, overrides: dict | None = None) -> Path:
+    """A copy of the `tiny_data` project in `dest/project`, with params.yaml's test overrides."""
+    root = Path(dest) / "project"
+    shutil.copytree(data, root)
+    write_params(root, overrides)
+    return root
+
+
+@pytest.fixture(scope="session")
 def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project taken through ingest, preprocess, train and evaluate once, shared by stage tests
     (5 epochs: about 10 s of training on 2 cores, after which `color` and `size` are well learned)."""

@@ -44,12 +44,12 @@ def test_decode_of_encode_is_forward(arch, x):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_shared_and_task_parameters_partition_every_parameter_once(arch):
     model = small(arch)
-    groups = [[id(p) for p in model.shared_parameters()]]
-    groups += [[id(p) for p in model.task_parameters(t)] for t in NUM_CLASSES]
-    flat = [i for g in groups for i in g]
-    assert len(flat) == len(set(flat)) == len(list(model.parameters()))
-    assert set(flat) == {id(p) for p in model.parameters()}
-    assert all(groups), "every group (shared and each task's) is non-empty"
+    shared = [id(p) for p in model.shared_parameters()]
+    private = {i for t in NUM_CLASSES for i in (id(p) for p in model.task_parameters(t))}
+    assert len(shared) == len(set(shared)) and not set(shared) & private
+    assert len(shared) + len(private) == len(list(model.parameters()))
+    assert set(shared) | private == {id(p) for p in model.parameters()}
+    assert shared and all(list(model.task_parameters(t)) for t in NUM_CLASSES), "every group is non-empty"
 
 
 def test_representation_carries_all_dependence_on_shared_parameters(x):
@@ -130,7 +130,7 @@ def test_cross_stitch_parameters_are_branches_heads_and_shared_stitches():
     assert {id(p) for p in model.shared_parameters()} == {id(p) for p in model.stitches.parameters()}
     for t in NUM_CLASSES:
         own = {id(p) for p in model.task_parameters(t)}
-        assert own == {id(p) for m in (model.branches[t], model.pools[t], model.heads[t]) for p in m.parameters()}
+        assert own == {id(p) for m in (model.branches[t], model.pools[t], model.heads) for p in m.parameters()}
     # branches are independent copies, not the same module
     assert model.branches["a"][0][0].weight is not model.branches["b"][0][0].weight
     everything_shared = small("cross_stitch", task_specific_branches=False)

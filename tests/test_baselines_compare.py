@@ -54,21 +54,32 @@ def test_comparison_is_delta_m_of_the_two_metric_files(compared: Path):
     mtl = json.loads(paths.test_metrics.read_text())["tasks"]
     stl = json.loads(paths.single_task_metrics.read_text())["tasks"]
     comparison = json.loads(paths.comparison.read_text())
-    assert comparison["enabled"] is True and comparison["primary_metric"] == "accuracy"
-    for m in ("accuracy", "f1_macro"):
+    # the default compare.metrics: balanced accuracy decides, accuracy is listed too
+    assert comparison["enabled"] is True and comparison["primary_metric"] == "balanced_accuracy"
+    assert list(comparison["delta_m_pct"]) == ["balanced_accuracy", "accuracy"]
+    for m in ("balanced_accuracy", "accuracy"):
         rel = {t: (mtl[t][m] - stl[t][m]) / stl[t][m] * 100 for t in TASKS}
         assert comparison["delta_m_pct"][m] == pytest.approx(sum(rel.values()) / len(TASKS))
         for t in TASKS:
             assert comparison["tasks"][t][m]["relative_pct"] == pytest.approx(rel[t])
-    worse = [t for t in TASKS if mtl[t]["accuracy"] < stl[t]["accuracy"]]
+    worse = [t for t in TASKS if mtl[t]["balanced_accuracy"] < stl[t]["balanced_accuracy"]]
     assert comparison["negative_transfer"] == worse
+    flat = json.loads((compared / "metrics.json").read_text())  # the DVC metrics file: means only
+    assert flat == {
+        "delta_m": pytest.approx(comparison["delta_m_pct"]["balanced_accuracy"]),
+        "delta_m_accuracy": pytest.approx(comparison["delta_m_pct"]["accuracy"]),
+        "negative_transfer_tasks": len(worse),
+        "mean_mtl_balanced_accuracy": pytest.approx(sum(mtl[t]["balanced_accuracy"] for t in TASKS) / len(TASKS)),
+        "mean_mtl_accuracy": pytest.approx(sum(mtl[t]["accuracy"] for t in TASKS) / len(TASKS)),
+    }
 
 
 def test_comparison_and_baselines_are_in_mlflow(compared: Path, client: MlflowClient):
     paths = ProjectPaths(compared)
     comparison = json.loads(paths.comparison.read_text())
     run = client.get_run(read_run_info(paths)["run_id"])
-    assert run.data.metrics["compare/delta_m_pct/accuracy"] == pytest.approx(comparison["delta_m_pct"]["accuracy"])
+    for m in ("balanced_accuracy", "accuracy"):
+        assert run.data.metrics[f"compare/delta_m_pct/{m}"] == pytest.approx(comparison["delta_m_pct"][m])
     assert run.data.metrics["compare/color/accuracy/relative_pct"] == pytest.approx(
         comparison["tasks"]["color"]["accuracy"]["relative_pct"]
     )
@@ -150,7 +161,7 @@ def test_negative_transfer_names_the_suggested_grouping(compared: Path, client: 
     assert run.data.tags["mtl.suggested_task_groups"] == format_groups(expected.groups)
     solutions = comparison["solutions"]
     assert list(solutions) == ["all_in_one", "single_task"]
-    assert solutions["all_in_one"]["delta_m_pct"] == pytest.approx(comparison["delta_m_pct"]["accuracy"])
+    assert solutions["all_in_one"]["delta_m_pct"] == pytest.approx(comparison["delta_m_pct"]["balanced_accuracy"])
     assert solutions["all_in_one"]["parameters"] == json.loads(paths.train_metrics.read_text())["parameters"]
 
 
@@ -179,3 +190,84 @@ def test_another_weighting_is_compared_with_the_same_baselines(compared: Path, c
     assert comparison["delta_m_pct"]["accuracy"] == pytest.approx(expected)
     assert run.data.metrics["compare/delta_m_pct/accuracy"] == pytest.approx(expected)
 
+
+
+# ------------------------------------------------------------------ compare.shared_input: batches paid once
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_baselines_replaying_the_first_tasks_batches_equal_separate_trainings(compared: Path, tmp_path: Path):
+    """The stage's baselines (compare.shared_input, the default): the first task's training recorded
+    its batches and the others replayed them (their runs say so), and each has, bit for bit, the weights
+    of a training of its own that decodes and augments the data itself."""
+    from safetensors.torch import load_file
+
+    from mtl_core.tasks import TaskSpec
+    from mtl_core.training.baselines import single_task_config
+    from mtl_core.training.train import ModelFiles, fit
+
+    paths = ProjectPaths(compared)
+    cfg = single_task_config(load_config(compared / "params.yaml"))
+    assert load_config(compared / "params.yaml").compare.shared_input is True
+    mlflow.set_tracking_uri(tracking_uri(load_config(compared / "params.yaml"), compared))
+    runs = {r.data.tags["mtl.task"]: r.data.tags for r in MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id], "tags.`mtl.stage` = 'baselines'")}  # fmt: skip
+    assert {t: tags["mtl.input_batches"] for t, tags in runs.items()} == {
+        "shape": "recorded", "color": "replayed", "size": "replayed", "position": "replayed"}
+    assert not (paths.root / ".mtl").exists() or not list((paths.root / ".mtl").rglob("epoch-*.npy"))  # removed
+
+    tasks = TaskSpec.load(paths.tasks_file)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("separate")
+    for k in (1, 3):  # color and position, each trained alone, reading its own batches
+        task = tasks.names[k]
+        with mlflow.start_run():
+            fit(cfg, paths, TaskSpec({task: tasks.classes[task]}), ModelFiles.in_folder(tmp_path / task), [k])
+        alone, stage = load_file(str(tmp_path / task / "model.safetensors")), _weights(paths.single_task_dir / task)
+        assert alone.keys() == stage.keys()
+        for name in alone:
+            assert torch.equal(alone[name], stage[name]), (task, name)
+
+
+def test_a_recording_replays_every_epoch_and_a_partial_one_is_never_replayed(compared: Path, tmp_path: Path):
+    """Two epochs of three batches (`train.max_steps_per_epoch`): task `size` trained on `shape`'s
+    recording equals `size` trained alone; a recording cut off by a kill is not in place, so the next
+    training reads (and records) the epoch itself."""
+    from mtl_core.tasks import TaskSpec
+    from mtl_core.training.baselines import single_task_config
+    from mtl_core.training.batch_cache import BatchCache
+    from mtl_core.training.train import ModelFiles, fit
+
+    paths = ProjectPaths(compared)
+    base = load_config(compared / "params.yaml")
+    cfg = single_task_config(base.model_copy(update={"train": base.train.model_copy(update={"epochs": 2, "max_steps_per_epoch": 3})}))
+    tasks = TaskSpec.load(paths.tasks_file)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("separate")
+
+    def train(k: int, folder: str, batches: BatchCache | None) -> dict[str, torch.Tensor]:
+        task = tasks.names[k]
+        with mlflow.start_run():
+            fit(cfg, paths, TaskSpec({task: tasks.classes[task]}), ModelFiles.in_folder(tmp_path / folder), [k], batches=batches)
+        return _weights(tmp_path / folder)
+
+    cache = BatchCache(tmp_path / "batches", {"config": "two short epochs"})
+    train(0, "shape", cache)
+    assert cache.events == [(1, "recorded"), (2, "recorded")]
+    assert np.load(tmp_path / "batches" / "epoch-2.npy", mmap_mode="r").shape[0] == 3 * cfg.train.batch_size
+    replayed = train(2, "size-replayed", cache)
+    assert cache.events[2:] == [(1, "replayed"), (2, "replayed")] and cache.summary(2) == "replayed"
+    alone = train(2, "size-alone", None)
+    assert all(torch.equal(replayed[n], alone[n]) for n in alone)
+
+    # a recording of another configuration, or one whose rename never happened, is not replayed
+    other = BatchCache(tmp_path / "batches", {"config": "something else"})
+    (tmp_path / "batches" / "epoch-1.json").unlink()  # as after a kill between the two writes
+    train(2, "size-again", other)
+    assert other.events == [(1, "recorded"), (2, "recorded")]
+    assert all(torch.equal(_weights(tmp_path / "size-again")[n], alone[n]) for n in alone)

@@ -176,3 +176,37 @@ def test_invalid_arguments_raise_before_writing(tmp_path: Path, kwargs: dict[str
     with pytest.raises(ValueError, match=match):
         generate_shapes(out, **{"num_images": 5, "image_size": 32, **kwargs})
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ builtin:shape_attributes (40 yes/no)
+
+
+def test_shape_attributes_label_the_same_images_with_forty_yes_no_columns(generated, tmp_path: Path) -> None:
+    """The same pixels as `shapes` with the same seed; each attribute read off the four labels by hand."""
+    from mtl_core.data.builtin import BUILTIN_DATASETS
+    from mtl_core.data.builtin.attributes import ATTRIBUTES
+
+    shapes_dir, shapes_rows = generated
+    csv_path = BUILTIN_DATASETS["shape_attributes"](tmp_path / "attrs", 150, 64, 7)
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f))
+    rows = _rows(csv_path)
+    assert header == ["path", *ATTRIBUTES] and len(header) == 41 and len(rows) == 150
+    for plain, attrs in zip(shapes_rows, rows, strict=True):
+        assert attrs["path"] == plain["path"]
+        assert (csv_path.parent / attrs["path"]).read_bytes() == (shapes_dir / plain["path"]).read_bytes()
+        expected = {
+            "is_" + plain["shape"]: "yes", "is_" + plain["color"]: "yes", "is_" + plain["size"]: "yes",
+            "at_" + plain["position"]: "yes",
+            "in_top_half": "yes" if plain["position"] in ("top_left", "top_right") else "no",
+            "in_left_half": "yes" if plain["position"] in ("top_left", "bottom_left") else "no",
+            "triangle_and_yellow": "yes" if (plain["shape"], plain["color"]) == ("triangle", "yellow") else "no",
+            "red_and_top_left": "yes" if (plain["color"], plain["position"]) == ("red", "top_left") else "no",
+            "circle_or_magenta": "yes" if plain["shape"] == "circle" or plain["color"] == "magenta" else "no",
+            "large_or_bottom_right": "yes" if plain["size"] == "large" or plain["position"] == "bottom_right" else "no",
+        }  # fmt: skip
+        assert {k: attrs[k] for k in expected} == expected
+        one_vs_rest = [k for k in ATTRIBUTES if k.startswith(("is_", "at_"))]
+        assert sum(attrs[k] == "yes" for k in one_vs_rest) == 4  # one class of each factor
+    rates = {k: sum(r[k] == "yes" for r in rows) / len(rows) for k in ATTRIBUTES}
+    assert 0 < min(rates.values()) < 0.1 and 0.4 < max(rates.values()) <= 0.65  # rare to even, as documented

@@ -1,5 +1,5 @@
 """Prefect on a real local server (127.0.0.1, one per module): the scheduled deployment served and read
-back; the prefect.yaml deployment run by a worker of a process work pool; a flow run's log, streamed
+back, its scheduled run retrying a killed stage that resumes its checkpoint; the prefect.yaml deployment run by a worker of a process work pool; a flow run's log, streamed
 line by line while a stage runs, and a stage DVC skipped shown as `Skipped`."""
 
 from __future__ import annotations
@@ -75,13 +75,16 @@ _ACTIVE = ("PENDING", "RUNNING")
 def served(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """What a user does: `python -m flows.deployment` against a server, with a schedule of every minute,
     until the server's scheduler has made a run and the served deployment has run the pipeline with it.
-    Then the deployment is paused and the server drained of its runs before serve stops, so no run of it
-    is left running in the clone, which the worker test reuses (its pipeline then has little to do)."""
+    The train stage is killed once in the middle (a real SIGKILL, epoch 2 of 2, step 3 of 6), so the run
+    shows a stage retried by Prefect and resumed from its checkpoint. Then the deployment is paused and
+    the server drained of its runs before serve stops, so no run of it is left running in the clone, which
+    the worker test reuses (its pipeline then has little to do)."""
     url, env = prefect_server
-    env = {**env, "PREFECT_API_URL": url}
     tmp_path = tmp_path_factory.mktemp("served")
+    fired = tmp_path / "fault-fired"
+    env = {**env, "PREFECT_API_URL": url, "MTL_FAULT": "train.after_step:9", "MTL_FAULT_ONCE": str(fired)}
     clone = copy_working_tree(tmp_path / "repo")
-    write_params(clone, {"train": {"epochs": 1, "task_affinity_every": 0},
+    write_params(clone, {"train": {"epochs": 2, "task_affinity_every": 0, "checkpoint_every_steps": 2},
                          "schedule": {"deployment": "every-minute", "cron": "* * * * *"}})  # fmt: skip
     log_path = tmp_path / "serve.log"
     log = open(log_path, "w")
@@ -105,7 +108,8 @@ def served(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
         stop_process(serve)
         log.close()
     print(f"\nserved deployment: scheduled run completed after {seconds:.0f} s")
-    return {"clone": clone, "run": done[0], "runs": runs, "env": env, "log": log_path}
+    env = {k: v for k, v in env.items() if not k.startswith("MTL_FAULT")}
+    return {"clone": clone, "run": done[0], "runs": runs, "env": env, "log": log_path, "fired": fired}
 
 
 def _patch(url: str, endpoint: str, body: dict) -> None:
@@ -138,6 +142,45 @@ def test_a_served_deployment_runs_its_scheduled_flow_to_completion(served: dict)
     assert flow_runs.returncode == 0, flow_runs.stdout + flow_runs.stderr
     completed = _post(env["PREFECT_API_URL"], "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
     assert run["id"] in [r["id"] for r in json.loads(flow_runs.stdout)], (flow_runs.stdout, flow_runs.stderr, [(r["id"], r["name"]) for r in completed])
+
+
+@pytest.mark.timeout(300)
+def test_the_scheduled_run_retries_a_killed_stage_and_leaves_one_record(served: dict):
+    """In the scheduled run, the train stage killed in its second epoch was retried by Prefect and
+    resumed its checkpoint (one MLflow run, FINISHED, with both epochs); the flow published the per-task
+    test metrics as a table artifact; the model is the champion; and DVC has nothing left to do."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import METRICS_ARTIFACT_KEY
+
+    clone, url, run = served["clone"], served["env"]["PREFECT_API_URL"], served["run"]
+    assert served["fired"].is_file(), "the train stage was killed once"
+    messages = [r["message"] for r in _flow_run_logs_with(url, run["id"], "stages run:")]
+    serve_log = served["log"].read_text()
+    assert "Task run 'train" in serve_log and "Retry" in serve_log, serve_log[-6000:]
+    seen = "\n".join(messages) + serve_log  # the stage's lines, as the server stored them and as serve printed them
+    assert "train: resuming MLflow run" in seen and "epoch 2, step 2 of it" in seen, messages[-80:]
+
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mtl-pipeline").experiment_id], "tags.`mtl.stage` = 'train'")
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the killed attempt's run, resumed and finished
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mean/accuracy")) == [1, 2]
+    assert json.loads((clone / "reports" / "registry.json").read_text())["champion_version"] == "1"
+
+    (artifact,) = _post(url, "/artifacts/filter", {
+        "artifacts": {"key": {"any_": [METRICS_ARTIFACT_KEY]}, "flow_run_id": {"any_": [run["id"]]}}, "limit": 5,
+    })  # fmt: skip
+    assert artifact["type"] == "table"
+    table = json.loads(artifact["data"]) if isinstance(artifact["data"], str) else artifact["data"]
+    metrics = json.loads((clone / "reports" / "test_metrics.json").read_text())
+    assert [r["task"] for r in table] == [*metrics["tasks"], "mean over tasks"]
+    assert table[0]["accuracy"] == pytest.approx(metrics["tasks"]["shape"]["accuracy"], abs=1e-4)
+
+    # one record of what was computed: DVC sees nothing left to do after the flow
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=clone, env=stage_env(clone), capture_output=True, text=True
+    )
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout + status.stderr
 
 
 def _flow_run_logs(url: str, flow_run_id: str) -> list[dict]:

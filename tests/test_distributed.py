@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, write_params
+from conftest import REPO_ROOT, project_from, write_params
 from distributed_fit import fit_methods
 
 METHODS = ["equal", "famo", "pcgrad"]  # plain, loss-based (with its after-step forward), gradient surgery
@@ -38,15 +38,8 @@ DDP_PARAMS = {
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mtl_core.pipeline import run_stage
-
-    root = tmp_path_factory.mktemp("ddp") / "project"
-    (root / "data" / "datasets").mkdir(parents=True)
-    write_params(root, DDP_PARAMS)
-    for stage in ("ingest", "preprocess"):
-        run_stage(stage, root=root)
-    return root
+def prepared(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return project_from(tiny_data, tmp_path_factory.mktemp("ddp"), DDP_PARAMS)
 
 
 def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

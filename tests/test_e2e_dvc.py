@@ -42,6 +42,7 @@ def test_every_stage_output_exists(repro: Path):
         "data/preprocessed/train_images.npy", "models/model.safetensors", "models/checkpoint.pt",
         "models/model_spec.json", "models/mlflow_run.json", "reports/train_history.csv",
         "reports/test_metrics.json", "reports/registry.json", *[f"reports/confusion/{t}.png" for t in TASKS],
+        "reports/confusion_grid.png", "metrics.json",
         "reports/task_gradient_cosine.json", "reports/task_error_correlation.json", "reports/comparison.json",
         *[f"models_single_task/{t}/model.safetensors" for t in TASKS],
     ]:  # fmt: skip
@@ -59,33 +60,41 @@ def test_repro_again_is_up_to_date(repro: Path):
     assert "Running stage" not in again.stdout
 
 
-def test_dvc_metrics_show_reads_the_test_metrics_and_delta_m(repro: Path):
+def test_dvc_metrics_show_reads_the_means_and_delta_m_and_the_per_task_files_when_named(repro: Path):
+    """By default one file, metrics.json (means, Δm, negative-transfer count): one row that fits a
+    120-column terminal; the per-task reports when named as targets."""
     shown = dvc(repro, "metrics", "show", "--json")
     assert shown.returncode == 0, shown.stderr
-    metrics = json.loads(shown.stdout)
-    test = next(iter(metrics.values()))["data"]["reports/test_metrics.json"]["data"]
-    assert set(test["tasks"]) == set(TASKS) and 0 <= test["mean"]["accuracy"] <= 1
-    # the single-task comparison: Δm per metric, as in the file the compare stage wrote
-    shown_cmp = next(iter(metrics.values()))["data"]["reports/comparison.json"]["data"]
+    files = next(iter(json.loads(shown.stdout).values()))["data"]
+    assert set(files) == {"metrics.json"}
+    flat = files["metrics.json"]["data"]
     written = json.loads((repro / "reports" / "comparison.json").read_text())
-    assert shown_cmp["delta_m_pct"] == pytest.approx(written["delta_m_pct"])
-    assert set(shown_cmp["delta_m_pct"]) == {"accuracy", "f1_macro"}
+    assert flat["delta_m"] == pytest.approx(written["delta_m_pct"]["balanced_accuracy"])
+    assert set(written["delta_m_pct"]) == {"balanced_accuracy", "accuracy"}
+    assert 0 <= flat["mean_mtl_balanced_accuracy"] <= 1 and flat["negative_transfer_tasks"] in range(len(TASKS) + 1)
+    plain = dvc(repro, "metrics", "show")
+    assert plain.returncode == 0 and max(map(len, plain.stdout.splitlines())) <= 120, plain.stdout
+    named = dvc(repro, "metrics", "show", "--json", "reports/test_metrics.json", "reports/comparison.json")
+    assert named.returncode == 0, named.stderr
+    files = next(iter(json.loads(named.stdout).values()))["data"]
+    test = files["reports/test_metrics.json"]["data"]
+    assert set(test["tasks"]) == set(TASKS) and 0 <= test["mean"]["balanced_accuracy"] <= 1
+    assert files["reports/comparison.json"]["data"]["delta_m_pct"] == pytest.approx(written["delta_m_pct"])
 
 
-# What `dvc plots show` draws, each once: the two training charts (train_history.csv), one confusion
-# matrix per task (reports/predictions/), three images.
+# What `dvc plots show` draws, each once: the two training charts (train_history.csv) and four images,
+# the confusion matrices of all tasks one of them (reports/confusion_grid.png), whatever the task count.
 PLOTS = {
     "Mean accuracy per epoch": "vega", "Mean loss per epoch": "vega",
-    **{f"reports/predictions/{t}.csv": "vega" for t in TASKS},
-    "reports/training_curves.png": "image", "reports/task_gradient_cosine.png": "image",
+    "reports/confusion_grid.png": "image", "reports/training_curves.png": "image", "reports/task_gradient_cosine.png": "image",
     "reports/task_error_correlation.png": "image",
 }  # fmt: skip
 
 
 def test_dvc_plots_show_draws_each_plot_once_and_none_empty(repro: Path, tmp_path: Path):
     """The plots as DVC renders them (`dvc plots show --json`, the data of its HTML page): the expected
-    plots and no more (no stage-level duplicate, no CSV drawn as a default line chart); every chart has
-    data rows with the fields it draws, every image is there."""
+    plots and no more (no stage-level duplicate, no CSV drawn as a default line chart, no chart per
+    task); every chart has data rows with the fields it draws, every image is there."""
     plots = dvc(repro, "plots", "show", "--json", "-o", str(tmp_path / "json"))  # images copied there
     assert plots.returncode == 0, plots.stderr
     shown = json.loads(plots.stdout)["data"]
@@ -97,16 +106,13 @@ def test_dvc_plots_show_draws_each_plot_once_and_none_empty(repro: Path, tmp_pat
             assert Path(panel["url"]).is_file(), panel
             continue
         rows = panel["content"]["data"]["values"]
-        if name.startswith("reports/predictions/"):
-            assert len(rows) == len(__import__("pandas").read_csv(repro / name)) > 0
-            assert all(r["actual"] and r["predicted"] for r in rows), name
-        else:  # two series (train, val), one point per epoch each
-            assert sorted({r["field"] for r in rows}) == sorted(f"{s}/mean/{name.split()[1]}" for s in ("train", "val"))
-            assert len(rows) == 2 * epochs and all(float(r["dvc_inferred_y_value"]) >= 0 for r in rows), rows[:2]
+        # two series (train, val), one point per epoch each
+        assert sorted({r["field"] for r in rows}) == sorted(f"{s}/mean/{name.split()[1]}" for s in ("train", "val"))
+        assert len(rows) == 2 * epochs and all(float(r["dvc_inferred_y_value"]) >= 0 for r in rows), rows[:2]
     html = dvc(repro, "plots", "show", "-o", str(tmp_path / "plots"))
     assert html.returncode == 0, html.stderr
     page = (tmp_path / "plots" / "index.html").read_text()
-    assert page.count("vegaEmbed(") == 6 and page.count("<img") == 3, page[:2000]
+    assert page.count("vegaEmbed(") == 2 and page.count("<img") == 4, page[:2000]
 
 
 def test_mlflow_run_registry_and_loaded_model(repro: Path, monkeypatch: pytest.MonkeyPatch):

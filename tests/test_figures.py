@@ -87,3 +87,42 @@ def test_an_na_cell_of_the_error_correlation_says_why():
 
     assert "n/a" in _texts(task_matrix_figure(np.full((2, 2), np.nan), ["a", "b"], "not measured"))  # a default why
     assert _texts(task_matrix_figure(np.eye(2), ["a", "b"], "all measured")) == ""
+
+
+def test_a_forty_task_heatmap_is_capped_in_size_without_cell_numbers():
+    from mtl_core.evaluation.task_relations import ANNOTATE_MAX_TASKS, MAX_MATRIX_INCHES
+
+    tasks = [f"attr_{i:02d}" for i in range(40)]
+    rng = np.random.default_rng(0)
+    m = np.clip(rng.normal(0, 0.4, (40, 40)), -1, 1)
+    m = (m + m.T) / 2
+    np.fill_diagonal(m, 1.0)
+    m[3, 5] = m[5, 3] = np.nan
+    fig = task_matrix_figure(m, tasks, "forty")
+    width, height = fig.get_size_inches()
+    assert width <= MAX_MATRIX_INCHES + 4 and height <= MAX_MATRIX_INCHES + 4  # not 1.1 in a cell: 46 in
+    assert len(fig.axes[0].texts) == 0  # no numbers in 1,600 cells
+    assert "grey, n/a" in _texts(fig) and "hierarchical clustering" in _texts(fig)
+    small = task_matrix_figure(m[:4, :4], tasks[:4], "four")
+    assert len(small.axes[0].texts) == 16 and ANNOTATE_MAX_TASKS >= 4  # a few tasks keep their numbers
+
+
+def test_the_confusion_grid_has_one_panel_per_task_coloured_by_row_share(tmp_path: Path):
+    """Forty two-class tasks in one figure of small multiples; a cell's colour is its share of the true
+    class, its text the count: a head that always answers "no" on 90 no / 10 yes reads 1.0 and 0.0."""
+    from mtl_core.evaluation.confusion import confusion_grid_figure, plot_confusion_grid, row_shares
+
+    tasks = [f"attr_{i:02d}" for i in range(40)]
+    confusions = {t: np.array([[90, 0], [10, 0]]) if i == 0 else np.array([[40, 10], [5, 45]]) for i, t in enumerate(tasks)}
+    classes = {t: ["no", "yes"] for t in tasks}
+    assert row_shares(np.array([[90, 0], [10, 0]])).tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    assert row_shares(np.array([[0, 0], [1, 3]])).tolist() == [[0.0, 0.0], [0.25, 0.75]]  # empty row: 0
+    fig = confusion_grid_figure(confusions, classes)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == tasks
+    assert [t.get_text() for t in panels[0].texts] == ["90", "0", "10", "0"]
+    assert np.allclose(panels[0].images[0].get_array(), [[1.0, 0.0], [1.0, 0.0]])
+    width, height = fig.get_size_inches()
+    assert width <= 12 and height <= 11  # 7 columns x 6 rows of 1.55-inch panels
+    plot_confusion_grid(confusions, classes, tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"

@@ -51,10 +51,14 @@ def test_a_new_experiment_opens_on_training_runs_with_the_results_view(tmp_path:
     exp_id = setup_mlflow(config_from_dict({}), tmp_path)
     tags = MlflowClient().get_experiment(exp_id).tags
     assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
-    assert tags[PRIMARY_METRIC_TAG] == "test/mean/accuracy" and "mtl-<weighting>-<backbone>" in tags[NOTE_TAG]
+    # led and sorted by the default decision metric (compare.metrics[0]): balanced accuracy
+    assert tags[PRIMARY_METRIC_TAG] == "test/mean/balanced_accuracy" and "mtl-<weighting>-<backbone>" in tags[NOTE_TAG]
     view = _view(tags)
-    assert view["orderByKey"] == "metrics.`test/mean/accuracy`" and view["orderByAsc"] is False
-    assert view["selectedColumns"][:2] == ["metrics.`test/mean/accuracy`", "metrics.`compare/delta_m_pct/accuracy`"]
+    assert view["orderByKey"] == "metrics.`test/mean/balanced_accuracy`" and view["orderByAsc"] is False
+    assert view["selectedColumns"][:4] == [
+        "metrics.`test/mean/balanced_accuracy`", "metrics.`test/mean/accuracy`",
+        "metrics.`compare/delta_m_pct/balanced_accuracy`", "metrics.`compare/delta_m_pct/accuracy`",
+    ]  # fmt: skip
     assert results_view_path(exp_id) == (
         f"/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={RESULTS_VIEW}"
     )
@@ -63,14 +67,14 @@ def test_a_new_experiment_opens_on_training_runs_with_the_results_view(tmp_path:
     publish_results_view(exp_id, ["shape", "color"])
     first = MlflowClient().get_experiment(exp_id).tags[VIEW_TAG]
     columns = _view({VIEW_TAG: first})["selectedColumns"]
-    assert columns[:4] == [f"metrics.`test/{t}/accuracy`" for t in ("mean", "shape", "color")] + [
-        "metrics.`compare/delta_m_pct/accuracy`"
-    ]
+    assert columns[:5] == ["metrics.`test/mean/balanced_accuracy`", "metrics.`test/mean/accuracy`"] + [
+        f"metrics.`test/{t}/balanced_accuracy`" for t in ("shape", "color")
+    ] + ["metrics.`compare/delta_m_pct/balanced_accuracy`"]
     publish_results_view(exp_id, ["shape", "color"])
     assert MlflowClient().get_experiment(exp_id).tags[VIEW_TAG] == first  # nothing to add: not rewritten
     publish_results_view(exp_id, ["digit"])
     columns = _view(MlflowClient().get_experiment(exp_id).tags)["selectedColumns"]
-    assert "metrics.`test/shape/accuracy`" in columns and columns.index("metrics.`test/digit/accuracy`") == 1
+    assert "metrics.`test/shape/balanced_accuracy`" in columns and columns.index("metrics.`test/digit/balanced_accuracy`") == 2
 
 
 def test_an_older_experiment_gets_the_missing_settings_and_keeps_the_users(tmp_path: Path):
@@ -84,7 +88,7 @@ def test_an_older_experiment_gets_the_missing_settings_and_keeps_the_users(tmp_p
     assert setup_mlflow(config_from_dict({"mlflow": {"tracking_uri": uri}}), tmp_path) == exp_id
     publish_results_view(exp_id, ["shape"])
     tags = client.get_experiment(exp_id).tags
-    assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND and tags[PRIMARY_METRIC_TAG] == "test/mean/accuracy"
+    assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND and tags[PRIMARY_METRIC_TAG] == "test/mean/balanced_accuracy"
     assert tags[NOTE_TAG] == "my notes" and tags[VIEW_TAG] == user_view
 
 
@@ -112,9 +116,27 @@ def test_the_per_task_table_is_replaced_not_appended_when_evaluate_reruns(tmp_pa
 def test_the_task_table_marks_chance_by_counts_of_test_images():
     """`size` at exactly its majority rate, as a float32 accuracy of 1/3 writes it (above 1/3 as a float)."""
     per_task = {
-        "size": {"accuracy": 0.3333333432674408, "f1_macro": 0.2, "support": 3},
-        "color": {"accuracy": 1.0, "f1_macro": 1.0, "support": 3},
+        "size": {"accuracy": 0.3333333432674408, "balanced_accuracy": 0.3333, "f1_macro": 0.2, "support": 3},
+        "color": {"accuracy": 1.0, "balanced_accuracy": 1.0, "f1_macro": 1.0, "auroc": 1.0, "support": 3},
     }
-    table = task_table_markdown(per_task, {"accuracy": 0.6667, "f1_macro": 0.6}, {"size": 1 / 3, "color": 1 / 3})
-    assert "| size | 0.333 (chance) | 0.200 | 3 | 0.333 |" in table
-    assert "| color | 1.000 | 1.000 | 3 | 0.333 |" in table and "| **mean** | **0.667** |" in table
+    mean = {"accuracy": 0.6667, "balanced_accuracy": 0.6667, "f1_macro": 0.6, "auroc": 1.0}
+    table = task_table_markdown(per_task, mean, {"size": 1 / 3, "color": 1 / 3})
+    assert "| size | 0.333 (chance) | 0.333 | 0.200 | n/a | 3 | 0.333 |" in table  # three classes: no AUROC
+    assert "| color | 1.000 | 1.000 | 1.000 | 1.000 | 3 | 0.333 |" in table
+    assert "| **mean** | **0.667** | **0.667** | 0.600 | 1.000 | | |" in table
+
+
+def test_the_per_task_mlflow_table_has_the_imbalance_proof_metrics_as_columns():
+    """The table logged with the run (TABLE_FILE): balanced accuracy for every task, AUROC and average
+    precision for a two-class task and empty (null) for a three-class one, beside the majority rate."""
+    from mtl_core.tracking import per_task_rows
+
+    per_task = {
+        "smiling": {"accuracy": 0.9, "balanced_accuracy": 0.5, "auroc": 0.5, "average_precision": 0.1, "support": 100},
+        "size": {"accuracy": 0.6, "balanced_accuracy": 0.55, "support": 10},
+    }
+    rows = per_task_rows(per_task, {"smiling": 0.9, "size": 0.4})
+    assert rows[0]["balanced_accuracy"] == 0.5 and rows[0]["auroc"] == 0.5 and rows[0]["average_precision"] == 0.1
+    assert rows[1]["balanced_accuracy"] == 0.55 and rows[1]["auroc"] is None and rows[1]["average_precision"] is None
+    frame = pd.DataFrame(rows)
+    assert {"task", "accuracy", "balanced_accuracy", "auroc", "average_precision", "support", "majority_rate"} <= set(frame.columns)

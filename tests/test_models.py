@@ -19,10 +19,11 @@ def test_shared_and_task_parameters_partition_the_model():
     model = build_model("hard_sharing", NUM_CLASSES, "small_cnn")
     shared = {id(p) for p in model.shared_parameters()}
     private = [{id(p) for p in model.task_parameters(t)} for t in NUM_CLASSES]
-    assert all(len(p) == 2 for p in private)  # weight + bias of each linear head
-    ids = [shared, *private]
-    assert sum(len(s) for s in ids) == len(list(model.parameters()))
-    assert set().union(*ids) == {id(p) for p in model.parameters()}
+    # every task's own parameters are the fused heads' weight + bias (its loss reaches only its rows)
+    assert all(p == {id(model.heads.weight), id(model.heads.bias)} for p in private)
+    assert shared == {id(p) for p in model.backbone.parameters()}
+    assert len(shared) + 2 == len(list(model.parameters()))
+    assert shared | private[0] == {id(p) for p in model.parameters()}
 
 
 def test_unknown_backbone_and_arch_list_the_choices():
@@ -41,8 +42,8 @@ def test_missing_label_gives_zero_gradient_to_that_task_head():
     y[0, 0] = MISSING_LABEL  # one sample has no shape label
     losses = task_losses(model(x), y, list(NUM_CLASSES))
     sum(losses.values()).backward()
-    assert all(torch.count_nonzero(p.grad) == 0 for p in model.task_parameters("color"))
-    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.task_parameters("shape"))
+    assert all(torch.count_nonzero(g) == 0 for g in model.heads["color"].gradients())
+    assert all(g is not None and torch.count_nonzero(g) > 0 for g in model.heads["shape"].gradients())
     # the shape loss is the mean over its three labelled samples only
     logits = model(x)["shape"][1:]
     expected = torch.nn.functional.cross_entropy(logits, y[1:, 0])

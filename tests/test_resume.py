@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import stage_env, write_params
+from conftest import project_from, stage_env
 from mtl_core.pipeline import run_stage
 from mtl_core.training.loop import NonFiniteError
 
@@ -30,16 +30,9 @@ STEPS_PER_EPOCH = 6  # 168 training images, batch 32
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project through ingest and preprocess, copied by each test."""
-    from mtl_core.pipeline import run_stage
-
-    root = tmp_path_factory.mktemp("resume") / "project"
-    (root / "data" / "datasets").mkdir(parents=True)
-    write_params(root, RESUME_PARAMS)
-    for stage in ("ingest", "preprocess"):
-        run_stage(stage, root=root)
-    return root
+def prepared(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny data with the resume tests' parameters, copied by each test."""
+    return project_from(tiny_data, tmp_path_factory.mktemp("resume"), RESUME_PARAMS)
 
 
 def project(prepared: Path, dest: Path, train: dict | None = None) -> Path:

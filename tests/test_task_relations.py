@@ -86,3 +86,32 @@ def test_error_correlation_is_nan_without_variance(tmp_path):
     assert np.isnan(m[0, 1]) and np.isnan(m[0, 0])
     plot_task_matrix(m, ["a", "b"], "errors", tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cluster_order_puts_two_interleaved_blocks_side_by_side():
+    """Tasks a0..a2 pull together (0.8, 0.9 within), as do b0..b2 (0.7); across the blocks -0.3; in the
+    given order the blocks interleave (a0 b0 a1 b1 a2 b2). The clustering's leaves come out block by block,
+    and the heatmap's rows and columns follow them."""
+    from mtl_core.evaluation.task_relations import cluster_order, task_matrix_figure
+
+    names = ["a0", "b0", "a1", "b1", "a2", "b2"]
+    block = np.array([n[0] for n in names])
+    m = np.where(block[:, None] == block[None, :], np.where(block[:, None] == "a", 0.9, 0.7), -0.3)
+    m[0, 2] = m[2, 0] = 0.8
+    np.fill_diagonal(m, 1.0)
+    order = [names[i] for i in cluster_order(m)]
+    assert sorted(order) == sorted(names)
+    first, second = {t[0] for t in order[:3]}, {t[0] for t in order[3:]}
+    assert len(first) == len(second) == 1 and first | second == {"a", "b"}  # block by block
+    # inside a block, neighbours as similar as possible: a0-a1 is the weaker pair (0.8), so a2 between them
+    a = [t for t in order if t[0] == "a"]
+    assert a in (["a0", "a2", "a1"], ["a1", "a2", "a0"])
+    fig = task_matrix_figure(m, names, "blocks")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == order
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == order
+    shown = fig.axes[0].images[0].get_array()
+    assert np.allclose(shown, m[np.ix_(cluster_order(m), cluster_order(m))])
+    # a NaN pair counts as unrelated; nothing measured, or two tasks: the given order
+    m[0, 1] = m[1, 0] = np.nan
+    assert sorted(cluster_order(m)) == list(range(6))
+    assert list(cluster_order(np.full((4, 4), np.nan))) == [0, 1, 2, 3] and list(cluster_order(np.eye(2))) == [0, 1]

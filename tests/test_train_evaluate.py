@@ -84,6 +84,8 @@ def test_evaluate_metrics_match_the_written_predictions(project):
         # macro recall by hand: mean over classes present of the per-class hit rate
         recalls = [(g["predicted"] == c).mean() for c, g in pred.groupby("actual")]
         assert metrics["tasks"][t]["recall_macro"] == pytest.approx(np.mean(recalls), abs=1e-6)
+        assert metrics["tasks"][t]["balanced_accuracy"] == pytest.approx(np.mean(recalls), abs=1e-6)  # its definition
+        assert "auroc" not in metrics["tasks"][t]  # the built-in tasks have 3 to 6 classes
         assert (paths.confusion_dir / f"{t}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert metrics["mean"]["accuracy"] == pytest.approx(np.mean([metrics["tasks"][t]["accuracy"] for t in TASKS]))
 
@@ -98,11 +100,14 @@ def test_evaluate_logs_into_the_training_run(project):
     assert logged["test/mean/accuracy"] == pytest.approx(metrics["mean"]["accuracy"])
     confusion = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots/confusion")}
     assert confusion == {f"plots/confusion/{t}.png" for t in TASKS}
+    assert paths.confusion_grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # all tasks in one figure
+    assert "plots/confusion_grid.png" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
 
 
 def test_run_is_named_described_and_tabled_for_the_mlflow_ui(project):
     """What the MLflow UI shows of the run: a name that says what it is, a description with every task's
-    test accuracy, the per-task table (sortable in the UI) and a column per task in the *Results* view."""
+    test accuracy, the per-task table (sortable in the UI, with balanced accuracy) and a column per task
+    in the *Results* view."""
     root, cfg, paths, run = project
     client = MlflowClient()
     run = client.get_run(run.info.run_id)
@@ -117,10 +122,12 @@ def test_run_is_named_described_and_tabled_for_the_mlflow_ui(project):
     assert list(table["task"]) == TASKS  # one row per task, evaluate having run once
     for row in table.itertuples():
         assert row.accuracy == pytest.approx(metrics["tasks"][row.task]["accuracy"], abs=1e-4)
+        assert row.balanced_accuracy == pytest.approx(metrics["tasks"][row.task]["balanced_accuracy"], abs=1e-4)
         assert row.support == metrics["tasks"][row.task]["support"]
         assert 0 < row.majority_rate <= 1
     assert {"path": TABLE_FILE, "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
 
     tags = client.get_experiment(run.info.experiment_id).tags
     view = json.loads(json.loads(tags[VIEW_TAG_PREFIX + RESULTS_VIEW])["state"])
-    assert [f"metrics.`test/{t}/accuracy`" for t in TASKS] == [c for c in view["selectedColumns"] if c.startswith("metrics.`test/") and "/mean/" not in c]
+    # a balanced-accuracy column per task (the default decision metric: majority-class answers score chance)
+    assert [f"metrics.`test/{t}/balanced_accuracy`" for t in TASKS] == [c for c in view["selectedColumns"] if c.startswith("metrics.`test/") and "/mean/" not in c]

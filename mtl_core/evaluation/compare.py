@@ -1,8 +1,9 @@
 """Stage `compare`: per task, multi-task vs single-task metric, their relative difference and Δm.
 
 Reads the test metrics of the multi-task model and of the single-task baselines, writes
-`reports/comparison.json` (the full table) and `metrics.json` (flat: Δm and per-task accuracy, the
-columns of `dvc exp show`), both DVC metrics, and logs the table, Δm and the negative-transfer flags into
+`reports/comparison.json` (the full table, per task) and `metrics.json` (flat: the means over tasks,
+Δm and the negative-transfer count; the one DVC metrics file, the columns of `dvc metrics show` and
+`dvc exp show`), and logs the table, Δm and the negative-transfer flags into
 the multi-task model's MLflow run.
 """
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def comparison_metrics_path(paths: ProjectPaths) -> Path:
-    """The flat metrics file of the compare stage (`metrics:` in dvc.yaml). Outside the git-ignored
+    """The flat metrics file of the compare stage, the project's one `metrics:` file in dvc.yaml. Outside the git-ignored
     `reports/`: DVC commits an experiment's `cache: false` metrics with git, and skips ignored files, so
     only a file git can track has its values in `dvc exp show`."""
     return paths.root / "metrics.json"
@@ -69,7 +70,7 @@ def run_compare(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     if not baselines.get("enabled"):
         report: dict[str, Any] = {"enabled": False, "reason": baselines.get("reason", "no single-task baselines")}
         paths.comparison.write_text(json.dumps(report, indent=2) + "\n")
-        flat = flat_metrics(test_metrics, primary)
+        flat = flat_metrics(test_metrics, list(cfg.compare.metrics))
         comparison_metrics_path(paths).write_text(json.dumps(flat, indent=2) + "\n")
         return report
 
@@ -81,7 +82,7 @@ def run_compare(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     suggestion = suggest_grouping(paths) if table["negative_transfer"] else None
     report = {"enabled": True, **table, "solutions": solutions, "suggested_task_groups": suggestion}
     paths.comparison.write_text(json.dumps(report, indent=2) + "\n")
-    flat = flat_metrics(test_metrics, primary, table)
+    flat = flat_metrics(test_metrics, list(cfg.compare.metrics), table)
     comparison_metrics_path(paths).write_text(json.dumps(flat, indent=2) + "\n")
     rows = comparison_rows(table)
     for m, value in table["delta_m_pct"].items():

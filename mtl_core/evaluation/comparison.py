@@ -25,7 +25,11 @@ def compare_tasks(
     mtl: dict[str, dict[str, float]], stl: dict[str, dict[str, float]], metrics: Sequence[str]
 ) -> dict[str, Any]:
     """The comparison table: per task and metric, both values and their relative difference; Δm per
-    metric; the tasks with negative transfer on the first (primary) metric."""
+    metric; the tasks with negative transfer on the first (primary) metric.
+
+    A metric only some tasks have (`auroc`, `average_precision`: two-class tasks, evaluation/metrics.py)
+    is compared, and its Δm averaged, over the tasks that have it on both sides; the other tasks have no
+    entry for it (and, for the primary metric, no negative-transfer verdict)."""
     missing = sorted(set(mtl) ^ set(stl))
     if missing:
         raise ValueError(f"multi-task and single-task results cover different tasks: {', '.join(missing)}")
@@ -33,31 +37,40 @@ def compare_tasks(
     for t in mtl:
         tasks[t] = {
             m: {"mtl": mtl[t][m], "stl": stl[t][m], "relative_pct": relative_difference(mtl[t][m], stl[t][m])}
-            for m in metrics
+            for m in metrics if m in mtl[t] and m in stl[t]
         }
-    delta_m = {m: sum(tasks[t][m]["relative_pct"] for t in tasks) / len(tasks) for m in metrics}
+    delta_m = {}
+    for m in metrics:
+        having = [t for t in tasks if m in tasks[t]]
+        if not having:
+            raise ValueError(
+                f"compare.metrics names {m!r}, which none of the tasks has on both the multi-task and the "
+                "single-task side (auroc and average_precision: two-class tasks with both classes in the "
+                "test labels only)"
+            )
+        delta_m[m] = sum(tasks[t][m]["relative_pct"] for t in having) / len(having)
     primary = metrics[0]
-    negative = [t for t in tasks if tasks[t][primary]["relative_pct"] < 0]
+    negative = [t for t in tasks if primary in tasks[t] and tasks[t][primary]["relative_pct"] < 0]
     return {"primary_metric": primary, "tasks": tasks, "delta_m_pct": delta_m, "negative_transfer": negative}
 
 
-def flat_metrics(mtl: dict[str, Any], metric: str, table: dict[str, Any] | None = None) -> dict[str, float]:
-    """One flat level of numbers, the columns of `dvc exp show`: the multi-task model's `metric` on the
-    test split, mean over tasks (`mean_mtl_<metric>`) and per task (`<task>_mtl_<metric>`); with the
-    comparison `table`, also `delta_m` (Δm in % on `metric`, the primary one), `delta_m_<other metric>`,
-    `negative_transfer_tasks` (how many) and each single-task baseline's `<task>_stl_<metric>`.
+def flat_metrics(mtl: dict[str, Any], metrics: Sequence[str], table: dict[str, Any] | None = None) -> dict[str, float]:
+    """The headline numbers, one flat level: the columns of `dvc metrics show` and `dvc exp show`.
+
+    For each of `metrics` (compare.metrics, the first one primary), the multi-task model's mean over
+    tasks on the test split, `mean_mtl_<metric>`; with the comparison `table`, also `delta_m` (Δm in %
+    on the primary metric), `delta_m_<other metric>` and `negative_transfer_tasks` (how many). Means
+    only, no per-task figure: with tens of tasks one column per task makes a table no terminal shows;
+    the per-task values are in reports/test_metrics.json and reports/comparison.json.
 
     `mtl` is the evaluate stage's report: `{"tasks": {task: {metric: value}}, "mean": {metric: value}}`."""
+    primary = metrics[0]
     flat: dict[str, float] = {}
     if table is not None:
-        flat["delta_m"] = table["delta_m_pct"][metric]
-        flat.update({f"delta_m_{m}": v for m, v in table["delta_m_pct"].items() if m != metric})
+        flat["delta_m"] = table["delta_m_pct"][primary]
+        flat.update({f"delta_m_{m}": v for m, v in table["delta_m_pct"].items() if m != primary})
         flat["negative_transfer_tasks"] = len(table["negative_transfer"])
-    flat[f"mean_mtl_{metric}"] = mtl["mean"][metric]
-    for t, v in mtl["tasks"].items():
-        flat[f"{t}_mtl_{metric}"] = v[metric]
-        if table is not None and t in table["tasks"]:
-            flat[f"{t}_stl_{metric}"] = table["tasks"][t][metric]["stl"]
+    flat.update({f"mean_mtl_{m}": mtl["mean"][m] for m in metrics if m in mtl["mean"]})
     return flat
 
 
@@ -72,5 +85,5 @@ def comparison_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
             "relative_pct": round(v[m]["relative_pct"], 2),
             "negative_transfer": t in table["negative_transfer"],
         }
-        for t, v in table["tasks"].items()
-    ]
+        for t, v in table["tasks"].items() if m in v
+    ]  # fmt: skip

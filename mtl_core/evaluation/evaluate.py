@@ -1,9 +1,11 @@
 """Stage `evaluate`: test-split metrics per task and their mean, for DVC and for the model's MLflow run.
 
-Writes `reports/test_metrics.json` (DVC metrics), `reports/predictions/<task>.csv` (actual/predicted,
-for DVC's confusion plots) and `reports/confusion/<task>.png`, and logs `test/<task>/<metric>` into
-the MLflow run that trained the model, with the per-task table as a sortable MLflow table and in the
-run's description, and a test-accuracy column per task in the experiment's *Results* view.
+Writes `reports/test_metrics.json` (per task and mean over tasks; evaluation/metrics.py says which
+metrics), `reports/predictions/<task>.csv` (actual/predicted), `reports/confusion/<task>.png` and
+`reports/confusion_grid.png` (every task's matrix in one figure, the confusion plot of `dvc plots show`),
+and logs `test/<task>/<metric>` into the MLflow run that trained the model, with the per-task table as a
+sortable MLflow table and in the run's description, and a balanced-accuracy column per task in the
+experiment's *Results* view.
 """
 
 from __future__ import annotations
@@ -15,30 +17,27 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from mtl_core.config import PipelineConfig  # noqa: E402
-from mtl_core.data.dataset import CachedMultiTaskDataset  # noqa: E402
-from mtl_core.evaluation.metrics import mean_over_tasks, task_metrics  # noqa: E402
-from mtl_core.evaluation.task_relations import error_correlation, error_correlation_gaps, plot_task_matrix  # noqa: E402
-from mtl_core.inference import predict_loader  # noqa: E402
-from mtl_core.models import MultiTaskModel  # noqa: E402
-from mtl_core.models.io import load_model  # noqa: E402
-from mtl_core.paths import ProjectPaths  # noqa: E402
-from mtl_core.tasks import MISSING_LABEL  # noqa: E402
-from mtl_core.tracking import (  # noqa: E402
+from mtl_core.config import PipelineConfig
+from mtl_core.data.dataset import CachedMultiTaskDataset
+from mtl_core.evaluation.confusion import plot_confusion, plot_confusion_grid
+from mtl_core.evaluation.metrics import mean_over_tasks, task_metrics
+from mtl_core.evaluation.task_relations import error_correlation, error_correlation_gaps, plot_task_matrix
+from mtl_core.inference import predict_loader
+from mtl_core.models import MultiTaskModel
+from mtl_core.models.io import load_model
+from mtl_core.paths import ProjectPaths
+from mtl_core.tasks import MISSING_LABEL
+from mtl_core.tracking import (
     NOTE_TAG, TABLE_FILE, model_run, per_task_rows, publish_results_view, results_view_path, run_description,
 )
-from mtl_core.runtime import select_device  # noqa: E402
-from mtl_core.transforms import eval_transform  # noqa: E402
+from mtl_core.runtime import select_device
+from mtl_core.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +46,6 @@ log = logging.getLogger(__name__)
 class EvaluateResult:
     metrics: dict[str, dict[str, float]]
     mean: dict[str, float]
-
-
-def plot_confusion(matrix: np.ndarray, classes: list[str], task: str, out: Path) -> None:
-    size = max(4.0, 0.6 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set(
-        xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-        xlabel="predicted", ylabel="true", title=f"{task}: confusion matrix (test)",
-    )  # fmt: skip
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > threshold else "black")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def make_test_loader(cfg: PipelineConfig, paths: ProjectPaths, label_columns: list[int] | None = None) -> DataLoader:
@@ -123,6 +105,7 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
             {"actual": classes[targets[labelled, k]], "predicted": classes[probs[task][labelled].argmax(1)]}
         ).to_csv(paths.predictions_dir / f"{task}.csv", index=False)
         plot_confusion(confusions[task], list(classes), task, paths.confusion_dir / f"{task}.png")
+    plot_confusion_grid(confusions, {t: spec["tasks"][t] for t in model.task_names}, paths.confusion_grid)
 
     errors = error_correlation(probs, targets, model.task_names)
     correlation = [[None if np.isnan(v) else v for v in row] for row in errors.tolist()]  # JSON has no NaN
@@ -158,6 +141,7 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
         publish_results_view(run.info.experiment_id, model.task_names)
         mlflow.log_artifact(str(paths.test_metrics), artifact_path="metrics")
         mlflow.log_artifacts(str(paths.confusion_dir), artifact_path="plots/confusion")
+        mlflow.log_artifact(str(paths.confusion_grid), artifact_path="plots")
         mlflow.log_artifact(str(paths.error_correlation), artifact_path="task_relations")
         mlflow.log_artifact(str(paths.error_correlation.with_suffix(".png")), artifact_path="task_relations")
         mlflow.set_tag("mtl.evaluated", "true")

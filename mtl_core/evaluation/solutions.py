@@ -23,7 +23,8 @@ def solution_row(
     metric: str,
     cost: dict[str, float],
 ) -> dict[str, Any]:
-    tasks = [t for g in groups for t in g]
+    # a metric only two-class tasks have (auroc, average_precision) is compared over those tasks
+    tasks = [t for g in groups for t in g if metric in metrics[t] and metric in single_task[t]]
     rel = [relative_difference(metrics[t][metric], single_task[t][metric]) for t in tasks]
     return {
         "groups": [list(g) for g in groups],
@@ -46,11 +47,28 @@ def solutions_table(
     }  # fmt: skip
 
 
+MAX_TASK_COLUMNS = 8  # beyond, the table turns: a row per task, a column per solution
+
+
 def markdown(table: dict[str, dict[str, Any]], tasks: Sequence[str], metric: str) -> str:
+    """The solutions side by side: a row per solution and a column per task, or, for more than
+    MAX_TASK_COLUMNS tasks (no log or UI shows forty columns), a row per task and a column per solution,
+    the totals last. A task without `metric` reads n/a."""
+    value = lambda row, t: f"{row[metric][t]:.3f}" if t in row[metric] else "n/a"  # noqa: E731
+    names = [name.replace("_", "-") for name in table]
+    if len(tasks) > MAX_TASK_COLUMNS:
+        lines = ["| " + " | ".join(["task", *names]) + " |", "|" + " --- |" * (len(names) + 1)]
+        lines += ["| " + " | ".join([t, *[value(row, t) for row in table.values()]]) + " |" for t in tasks]
+        for label, cell in (
+            ("networks", lambda r: str(len(r["groups"]))), ("Δm %", lambda r: f"{r['delta_m_pct']:+.2f}"),
+            ("train s", lambda r: f"{r['train_seconds']:.0f}"), ("parameters", lambda r: f"{r['parameters'] / 1e6:.2f} M"),
+        ):  # fmt: skip
+            lines.append("| " + " | ".join([f"**{label}**", *[cell(r) for r in table.values()]]) + " |")
+        return "\n".join(lines)
     cols = ["solution", "networks", *tasks, "Δm %", "train s", "parameters"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for name, row in table.items():
-        cells = [name.replace("_", "-"), str(len(row["groups"])), *[f"{row[metric][t]:.3f}" for t in tasks],
+    for name, row in zip(names, table.values()):
+        cells = [name, str(len(row["groups"])), *[value(row, t) for t in tasks],
                  f"{row['delta_m_pct']:+.2f}", f"{row['train_seconds']:.0f}", f"{row['parameters'] / 1e6:.2f} M"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

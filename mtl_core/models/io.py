@@ -42,5 +42,8 @@ def load_model(spec_path: Path, weights_path: Path, device: torch.device | str =
         model: MultiTaskModel = TaskGroupedModel(members, list(num_classes))
     else:
         model = network(num_classes)
-    model.load_state_dict(load_file(str(weights_path), device="cpu"))
+    try:
+        model.load_state_dict(load_file(str(weights_path), device="cpu"))
+    except RuntimeError as e:  # missing / unexpected / misshapen tensors: say which files disagree
+        raise ValueError(f"{weights_path}: the weights do not fit the network of {spec_path}: {e}") from e
     return model.to(device).eval(), spec

@@ -26,6 +26,7 @@ from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.tracking import git_commit, ingested_data_hash, run_name, setup_mlflow
 from mtl_core.training import checkpoint
+from mtl_core.training.batch_cache import BatchCache
 from mtl_core.runtime import select_device
 from mtl_core.training.runs import Resume, fail_orphan_runs, recorded_run_ids, training_run
 from mtl_core.training.train import ModelFiles, fit, log_config_params
@@ -35,13 +36,14 @@ log = logging.getLogger(__name__)
 
 def fit_and_score(
     cfg: PipelineConfig, paths: ProjectPaths, tasks: TaskSpec, folder: Path, label_columns: list[int] | None = None,
-    resume: Resume | None = None, resume_dir: Path | None = None,
+    resume: Resume | None = None, resume_dir: Path | None = None, batches: BatchCache | None = None,
 ) -> dict[str, dict[str, float]]:
     """Train a model on `tasks` (label columns `label_columns` of the cache) into `folder` inside the
     active MLflow run, then score its best weights on the test split: per-task metrics. `resume_dir`:
-    where its checkpoints go (none without), `resume`: the state to continue (training.runs)."""
+    where its checkpoints go (none without), `resume`: the state to continue (training.runs);
+    `batches`: the training batches shared with the other baselines (training.batch_cache)."""
     files = ModelFiles.in_folder(folder, resume_dir / checkpoint.LAST if resume_dir is not None else None)
-    fit(cfg, paths, tasks, files, label_columns=label_columns, resume=resume)
+    fit(cfg, paths, tasks, files, label_columns=label_columns, resume=resume, batches=batches)
     device = select_device(cfg.train.device)
     model, _ = load_model(folder / "model_spec.json", folder / "model.safetensors", device)
     per_task, *_ = score(model, make_test_loader(cfg, paths, label_columns), device, cfg.train.amp)
@@ -91,6 +93,9 @@ def run_baselines(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict[
     cost = {"train_seconds": 0.0, "parameters": 0}
     resume_root = checkpoint.checkpoints_root(root) / "baselines"
     fail_orphan_runs(exp_id, "baselines", keep=recorded_run_ids(resume_root))
+    # the tasks' trainings differ only in their label column: the first records its augmented batches,
+    # the others replay them (same bytes, so the same weights as separate trainings)
+    batches = BatchCache(resume_root.with_name("baselines.batches"), checkpoint.fingerprint(single_cfg, paths, None)) if cfg.compare.shared_input else None
     for k, task in enumerate(tasks.names):
         resume_dir = resume_root / task
         fp = checkpoint.fingerprint(single_cfg, paths, [k])
@@ -102,7 +107,10 @@ def run_baselines(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict[
                     tags["git_commit"] = commit
                 mlflow.set_tags(tags)
             single = TaskSpec({task: tasks.classes[task]})
-            results[task] = fit_and_score(single_cfg, paths, single, paths.single_task_dir / task, [k], resume, resume_dir)[task]
+            seen = len(batches.events) if batches is not None else 0
+            results[task] = fit_and_score(single_cfg, paths, single, paths.single_task_dir / task, [k], resume, resume_dir, batches)[task]
+            if batches is not None:  # how its training got its batches (compare.shared_input)
+                mlflow.set_tag("mtl.input_batches", batches.summary(seen))
             mlflow.log_metrics({f"test/{task}/{m}": v for m, v in results[task].items() if m != "support"})
             runs[task] = run.info.run_id
         for key, value in training_cost(paths.single_task_dir / task).items():
@@ -111,5 +119,7 @@ def run_baselines(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict[
     report = {"enabled": True, "tasks": results, "runs": runs, "cost": cost}
     paths.single_task_metrics.write_text(json.dumps(report, indent=2) + "\n")
     checkpoint.remove(resume_root / "any")  # all finished: nothing left to resume
+    if batches is not None:
+        batches.remove()
     return report
 

@@ -78,11 +78,15 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         """The samples this rank yields in the current epoch."""
         return max(0, -(-(self._used(self.start) - self.rank) // self.world_size))
 
+    def indices(self, epoch: int, start: int = 0) -> list[int]:
+        """The sample indices this rank yields in `epoch` from position `start`, in order (no state change)."""
+        positions = self.order(epoch)[start : start + self._used(start)]
+        return positions[self.rank :: self.world_size].tolist()
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, start = self.epoch, self.start
         self.epoch, self.start = epoch + 1, 0
-        positions = self.order(epoch)[start : start + self._used(start)]
-        for i in positions[self.rank :: self.world_size].tolist():
+        for i in self.indices(epoch, start):
             yield i, sample_seed(self.seed, epoch, i)
 
 

@@ -38,6 +38,7 @@ from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.tracking import flatten, git_commit, ingested_data_hash, setup_mlflow, write_run_info
 from mtl_core.training import checkpoint
+from mtl_core.training.batch_cache import BatchCache
 from mtl_core.runtime import Distributed, distributed, select_device, seed_everything
 from mtl_core.training import ddp as ddp_runtime
 from mtl_core.training.loop import EpochProgress, EpochStats, NonFiniteError, train_one_epoch  # noqa: F401  (NonFiniteError: the error training stops with)
@@ -272,10 +273,13 @@ def fit(
     files: ModelFiles,
     label_columns: list[int] | None = None,
     resume: Resume | None = None,
+    batches: BatchCache | None = None,
 ) -> TrainResult:
     """Train one model on `tasks` (label columns `label_columns` of the cache) inside the active MLflow
     run: per-epoch metrics, the best-on-validation weights, the spec. With `files.resume`, a checkpoint
     every epoch and every `train.checkpoint_every_steps` steps; `resume.state` continues one exactly.
+    `batches`: training batches recorded by an earlier training of the same data and schedule, replayed
+    (or recorded here) instead of decoded and augmented again (training.batch_cache; one process only).
     Distributed (training.ddp): every rank calls it; rank 0's resume state is broadcast, the collectives
     (loss and gradient reductions, validation, checkpoint statistics) run on all ranks, and only rank 0
     writes files and MLflow records."""
@@ -295,6 +299,8 @@ def fit(
     )  # fmt: skip
     model = ddp_runtime.prepare_model(model, device, cfg, dist).to(device)
     weighting = build_weighting(cfg.train.weighting, tasks.names, dict(cfg.train.weighting_options)).to(device)
+    if isinstance(weighting, GradientBalancing):
+        weighting.for_model(model.exact_representation_gradients)  # on: auto
     if isinstance(weighting, GradientBalancing) and weighting.on == "representation" and not model.exact_representation_gradients:
         raise ValueError(
             f"train.weighting_options.on: representation gives wrong gradients with model.arch "
@@ -383,8 +389,11 @@ def fit(
                 save_checkpoint(epoch, p)
             fault_point("train.after_step")
 
+        train_batches = loaders["train"]
+        if batches is not None and not dist.enabled:
+            train_batches = batches.loader(loaders["train"], epoch, progress.steps * cfg.train.batch_size, steps_per_epoch)
         progress = train_one_epoch(
-            model, loaders["train"], weighting, loss_fn, optimizer, scheduler, device, cfg, epoch,
+            model, train_batches, weighting, loss_fn, optimizer, scheduler, device, cfg, epoch,
             (epoch - 1) * steps_per_epoch, epoch_tracker, progress, steps_per_epoch, on_step, totals["skipped"], forward,
         ).reduced(dist)  # fmt: skip
         train_stats, mean_weights = progress.stats.summary()

@@ -1,7 +1,7 @@
 """Pluggable multi-task loss weighting / gradient balancing (`train.weighting` in params.yaml).
 
 Loss weighting (one backward per step): equal, fixed, uncertainty, dwa, gradnorm, rlw, famo,
-task_assignment. Gradient balancing (K per-task gradients, option `on: params | representation`):
+task_assignment. Gradient balancing (K per-task gradients, option `on: auto | params | representation`):
 pcgrad, cagrad, mgda, imtl, nash_mtl, aligned_mtl.
 """
 

@@ -39,8 +39,8 @@ class AlignedMTL(GradientBalancing):
     condition number 1 -- orthogonal, all of norm sigma_min (the smallest singular value of G,
     obtained from the eigen-decomposition of the Gram matrix) -- and step along their sum.
 
-    Options: `on` (params | representation; default params; the paper's Aligned-MTL-UB variant is
-    `on: representation`).
+    Options: `on` (auto | params | representation; default auto, see weighting.gradients; the paper's
+    Aligned-MTL-UB variant is `on: representation`).
     Cost per step: `on: params` -- K backward passes through the network, K x P memory;
     `on: representation` -- K backward passes through the heads + 1 through the backbone,
     K x (batch x features) memory; plus a K x K eigen-decomposition.

@@ -75,7 +75,7 @@ class CAGrad(GradientBalancing):
     solution of the small dual problem over the simplex (scipy SLSQP, as in the official code).
 
     Options: `c` (float >= 0, default 0.4; c = 0 is plain mean-gradient descent), `rescale`
-    (0 | 1 | 2, default 1: divide by 1 + c^2), `on` (params | representation).
+    (0 | 1 | 2, default 1: divide by 1 + c^2), `on` (auto | params | representation; default auto, see weighting.gradients).
     Cost per step: `on: params` -- K backward passes through the network, K x P memory;
     `on: representation` -- K backward passes through the heads + 1 through the backbone,
     K x (batch x features) memory; plus one small SLSQP solve on the K x K Gram matrix (CPU).

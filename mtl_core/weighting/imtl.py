@@ -38,7 +38,7 @@ class IMTLG(GradientBalancing):
     projections onto every task's unit gradient are equal, so no task dominates the shared update;
     closed form, no iterative solver. (The paper's loss-scale part IMTL-L is not included.)
 
-    Options: `on` (params | representation; default params).
+    Options: `on` (auto | params | representation; default auto, see weighting.gradients).
     Cost per step: `on: params` -- K backward passes through the network, K x P memory;
     `on: representation` -- K backward passes through the heads + 1 through the backbone,
     K x (batch x features) memory; plus a (K-1) x (K-1) pseudo-inverse.

@@ -88,7 +88,7 @@ class MGDA(GradientBalancing):
 
     Options: `normalize` (none | l2 | loss | loss+, default none: the plain min-norm point of the raw
     gradients, as in the paper's theory; the official repo's normalisers rescale the gradients before
-    the solve only), `on` (params | representation; default params).
+    the solve only), `on` (auto | params | representation; default auto, see weighting.gradients).
     Cost per step: `on: params` -- K backward passes through the network, K x P memory;
     `on: representation` -- K backward passes through the heads + 1 through the backbone,
     K x (batch x features) memory. Frank-Wolfe runs on the K x K Gram matrix (negligible).

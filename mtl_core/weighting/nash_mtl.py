@@ -84,7 +84,7 @@ class NashMTL(GradientBalancing):
 
     Options: `normalize` (bool, default true: solve on G G^T / |G G^T|_F and scale back, as the
     official code; the weights are the same either way), `ridge` (float, default 1e-6, relative Tikhonov term for linearly dependent gradients),
-    `on` (params | representation; default params).
+    `on` (auto | params | representation; default auto, see weighting.gradients).
     Cost per step: `on: params` -- K backward passes through the network, K x P memory;
     `on: representation` -- K backward passes through the heads + 1 through the backbone,
     K x (batch x features) memory; plus a few K x K Newton solves.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from mtl_core.data.builtin.attributes import generate_shape_attributes
 from mtl_core.data.builtin.shapes import generate_shapes
 
 # name -> generator(out_dir, num_images, image_size, seed, mapper=None) -> path of the written manifest CSV;
@@ -16,5 +17,6 @@ from mtl_core.data.builtin.shapes import generate_shapes
 BuiltinGenerator = Callable[..., Path]
 
 BUILTIN_DATASETS: dict[str, BuiltinGenerator] = {
-    "shapes": generate_shapes,
+    "shapes": generate_shapes,  # 4 tasks with 3-6 classes
+    "shape_attributes": generate_shape_attributes,  # the same images, 40 yes/no attributes
 }

@@ -21,7 +21,7 @@ import csv
 import math
 import operator
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,15 +248,24 @@ def render_example(seed: int, index: int, image_size: int) -> tuple[ShapeSpec, n
     return spec, np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _write_images(args: tuple[Path, int, int, int, int, int]) -> list[list[str]]:
+def shape_labels(spec: ShapeSpec) -> list[str]:
+    """The manifest row's labels of the shapes dataset: its four tasks, in SHAPE_TASKS order."""
+    return [getattr(spec, task) for task in SHAPE_TASKS]
+
+
+Labeler = Callable[[ShapeSpec], list[str]]
+"""spec -> the label cells of its manifest row (a module-level function: it goes to worker processes)."""
+
+
+def _write_images(args: tuple[Path, int, int, int, int, int, Labeler]) -> list[list[str]]:
     """Render and save images start..end-1 (in a worker process); their manifest rows."""
-    out_dir, start, end, image_size, seed, width = args
+    out_dir, start, end, image_size, seed, width, labeler = args
     rows = []
     for i in range(start, end):
         spec, pixels = render_example(seed, i, image_size)
         rel = f"images/{i:0{width}d}.png"
         Image.fromarray(pixels, mode="RGB").save(out_dir / rel, format="PNG", compress_level=1)
-        rows.append([rel, *(getattr(spec, task) for task in SHAPE_TASKS)])
+        rows.append([rel, *labeler(spec)])
     return rows
 
 
@@ -265,14 +274,16 @@ Mapper = Callable[[Callable[[tuple], list[list[str]]], Iterable[tuple], int], It
 
 
 def generate_shapes(
-    out_dir: Path, num_images: int = 6000, image_size: int = 64, seed: int = 0, mapper: Mapper | None = None
+    out_dir: Path, num_images: int = 6000, image_size: int = 64, seed: int = 0, mapper: Mapper | None = None,
+    *, columns: Sequence[str] = tuple(SHAPE_TASKS), labeler: Labeler = shape_labels,
 ) -> Path:
     """Write ``out_dir/images/<id>.png`` and ``out_dir/labels.csv`` (path + one column per task).
 
     Deterministic: the same (num_images, image_size, seed) gives a byte-identical CSV and identical
     pixels, and image ``i`` does not depend on ``num_images``, nor on how ``mapper`` spreads the chunks of
     images (the ingest stage passes its process pool; None renders them in this process). Returns the
-    CSV path.
+    CSV path. `columns` and `labeler` give the label columns another dataset of the same images
+    writes (`attributes.generate_shape_attributes`).
     """
     num_images = operator.index(num_images)
     if num_images < 1:
@@ -283,7 +294,7 @@ def generate_shapes(
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     width = max(6, len(str(num_images - 1)))
     step = max(16, min(256, -(-num_images // 32)))  # about 32 chunks of work, for a mapper's pool
-    chunks = ((out_dir, a, min(a + step, num_images), image_size, seed, width) for a in range(0, num_images, step))
+    chunks = ((out_dir, a, min(a + step, num_images), image_size, seed, width, labeler) for a in range(0, num_images, step))
     if mapper is None:
         mapper = lambda fn, items, total: map(fn, items)  # noqa: E731
     # Write-then-rename so an interrupted run never leaves a truncated manifest behind.
@@ -291,7 +302,7 @@ def generate_shapes(
     tmp = csv_path.with_name(csv_path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["path", *SHAPE_TASKS])
+        writer.writerow(["path", *columns])
         for rows in mapper(_write_images, chunks, num_images):
             writer.writerows(rows)
     os.replace(tmp, csv_path)
