@@ -1,6 +1,6 @@
 """Forty yes/no tasks (issue #15): the reports stay readable. `dvc metrics show` fits a 120-column
 terminal (the project's dvc.yaml declares only the means), and a pipeline run on 40 derived attributes of
-the built-in shapes writes figures of a bounded size and the new metrics for every task."""
+the built-in shapes (`builtin:shape_attributes`) writes figures of a bounded size and the new metrics for every task."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
@@ -24,28 +23,6 @@ from tests.conftest import REPO_ROOT, write_params
 
 WIDTH = 120
 drawn: dict[str, tuple] = {}  # title -> (matrix, task names, x tick labels) of each heatmap the stages drew
-FACTORS = {
-    "shape": ("circle", "square", "triangle", "star", "cross"),
-    "color": ("red", "green", "blue", "yellow", "magenta", "cyan"),
-    "size": ("small", "medium", "large"),
-    "position": ("top_left", "top_right", "bottom_left", "bottom_right"),
-}
-
-
-def attributes(labels: pd.DataFrame) -> pd.DataFrame:
-    """40 yes/no columns from the four factors: 18 one-vs-rest, 2 halves, 10 conjunctions, 10 disjunctions."""
-    yes = lambda mask: np.where(mask, "yes", "no")  # noqa: E731
-    out = {f"is_{v}": yes(labels[f] == v) for f, values in FACTORS.items() for v in values}
-    out["in_top_half"] = yes(labels["position"].str.startswith("top"))
-    out["in_left_half"] = yes(labels["position"].str.endswith("left"))
-    pairs = [(s, c) for s in FACTORS["shape"] for c in FACTORS["color"]][:: 3][:10]
-    out.update({f"{s}_and_{c}": yes((labels["shape"] == s) & (labels["color"] == c)) for s, c in pairs})
-    more = [(c, p) for c in FACTORS["color"] for p in FACTORS["position"]][:: 2][:10]
-    out.update({f"{c}_or_{p}": yes((labels["color"] == c) | (labels["position"] == p)) for c, p in more})
-    assert len(out) == 40
-    return pd.DataFrame({"path": labels["path"], **out})
-
-
 def fake_reports(tasks: list[str]) -> tuple[dict, dict, dict]:
     """A 40-task test report, single-task report and comparison table, with every metric."""
     rng = np.random.default_rng(0)
@@ -99,17 +76,15 @@ def test_dvc_metrics_show_of_forty_tasks_fits_a_120_column_terminal(tmp_path: Pa
 
 @pytest.fixture(scope="module")
 def forty(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ingest -> compare on 200 built-in shapes images (32 px) labelled with 40 derived attributes,
-    small_cnn, one epoch; about half a minute on two cores."""
-    from mtl_core.data.builtin.shapes import generate_shapes
+    """ingest -> compare on 200 images of the built-in 40-attribute dataset (`builtin:shape_attributes`,
+    32 px), small_cnn, one short epoch; about half a minute on two cores."""
     from mtl_core.pipeline import run_stage
 
     root = tmp_path_factory.mktemp("forty") / "project"
-    folder = root / "data" / "datasets" / "attributes"
-    labels = pd.read_csv(generate_shapes(folder, num_images=200, image_size=32, seed=0))
-    attributes(labels).to_csv(folder / "labels.csv", index=False)
+    (root / "data" / "datasets").mkdir(parents=True)
     write_params(root, {
-        "data": {"source": "data/datasets/attributes/labels.csv"}, "preprocess": {"image_size": 32},
+        "data": {"source": "builtin:shape_attributes", "builtin": {"num_images": 200, "image_size": 32}},
+        "preprocess": {"image_size": 32},
         "train": {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "task_affinity_every": 3},  # one measured step
     })  # fmt: skip
     drawn.clear()
