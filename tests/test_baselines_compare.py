@@ -165,33 +165,6 @@ def test_negative_transfer_names_the_suggested_grouping(compared: Path, client: 
     assert solutions["all_in_one"]["parameters"] == json.loads(paths.train_metrics.read_text())["parameters"]
 
 
-def test_another_weighting_is_compared_with_the_same_baselines(compared: Path, client: MlflowClient):
-    """Runs last (it retrains the module's multi-task model): FAMO through train, evaluate and compare;
-    the baselines' file is what compare reads, unchanged."""
-    paths = ProjectPaths(compared)
-    baselines_before = paths.single_task_metrics.read_text()
-    write_params(compared, {
-        "compare": {"single_task": True},
-        "model": {"arch": "mmoe", "arch_options": {"num_experts": 2}},
-        "train": {"epochs": 2, "task_affinity_every": 2, "weighting": "famo"},
-    })  # fmt: skip
-    for stage in ("train", "evaluate", "compare"):
-        run_stage(stage, root=compared)
-    run = client.get_run(read_run_info(paths)["run_id"])
-    assert run.data.params["train.weighting"] == "famo"
-    history = pd.read_csv(paths.train_history)
-    weights = history[[f"weight/{t}" for t in TASKS]].to_numpy()
-    assert np.isfinite(weights).all() and not np.allclose(weights, weights[0, 0])  # FAMO moved the weights
-    assert paths.single_task_metrics.read_text() == baselines_before
-    mtl = json.loads(paths.test_metrics.read_text())["tasks"]
-    stl = json.loads(baselines_before)["tasks"]
-    comparison = json.loads(paths.comparison.read_text())
-    expected = sum((mtl[t]["accuracy"] - stl[t]["accuracy"]) / stl[t]["accuracy"] * 100 for t in TASKS) / len(TASKS)
-    assert comparison["delta_m_pct"]["accuracy"] == pytest.approx(expected)
-    assert run.data.metrics["compare/delta_m_pct/accuracy"] == pytest.approx(expected)
-
-
-
 # ------------------------------------------------------------------ compare.shared_input: batches paid once
 
 
@@ -271,3 +244,29 @@ def test_a_recording_replays_every_epoch_and_a_partial_one_is_never_replayed(com
     train(2, "size-again", other)
     assert other.events == [(1, "recorded"), (2, "recorded")]
     assert all(torch.equal(_weights(tmp_path / "size-again")[n], alone[n]) for n in alone)
+
+
+def test_another_weighting_is_compared_with_the_same_baselines(compared: Path, client: MlflowClient):
+    """Runs last (it retrains the module's multi-task model): FAMO through train, evaluate and compare;
+    the baselines' file is what compare reads, unchanged."""
+    paths = ProjectPaths(compared)
+    baselines_before = paths.single_task_metrics.read_text()
+    write_params(compared, {
+        "compare": {"single_task": True},
+        "model": {"arch": "mmoe", "arch_options": {"num_experts": 2}},
+        "train": {"epochs": 2, "task_affinity_every": 2, "weighting": "famo"},
+    })  # fmt: skip
+    for stage in ("train", "evaluate", "compare"):
+        run_stage(stage, root=compared)
+    run = client.get_run(read_run_info(paths)["run_id"])
+    assert run.data.params["train.weighting"] == "famo"
+    history = pd.read_csv(paths.train_history)
+    weights = history[[f"weight/{t}" for t in TASKS]].to_numpy()
+    assert np.isfinite(weights).all() and not np.allclose(weights, weights[0, 0])  # FAMO moved the weights
+    assert paths.single_task_metrics.read_text() == baselines_before
+    mtl = json.loads(paths.test_metrics.read_text())["tasks"]
+    stl = json.loads(baselines_before)["tasks"]
+    comparison = json.loads(paths.comparison.read_text())
+    expected = sum((mtl[t]["accuracy"] - stl[t]["accuracy"]) / stl[t]["accuracy"] * 100 for t in TASKS) / len(TASKS)
+    assert comparison["delta_m_pct"]["accuracy"] == pytest.approx(expected)
+    assert run.data.metrics["compare/delta_m_pct/accuracy"] == pytest.approx(expected)
