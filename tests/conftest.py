@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,22 @@ def tiny_project(tmp_path: Path) -> Path:
     (root / "data" / "datasets").mkdir(parents=True)
     write_params(root)
     return root
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen, log_path: Path, what: str, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail with the tail of the server's log if `proc` exits first or
+    `timeout` seconds pass (a server a test started on 127.0.0.1)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start:\n" + Path(log_path).read_text()[-3000:])
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
@@ -173,8 +191,6 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     start takes 10-30 s on 2 cores), stopped after them. Yields (API URL, environment for clients).
     Started in the repository root, so it reads the project's prefect.toml as a user's server does."""
     import sys
-    import time
-    import urllib.request
 
     home = tmp_path_factory.mktemp("prefect-server")
     port, env = free_port(), stage_env(home)
@@ -186,17 +202,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}/api"
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("Prefect server did not start:\n" + log_path.read_text()[-3000:])
-                time.sleep(1)
+            wait_until_serving(f"{url}/health", proc, log_path, "Prefect server", timeout=180)
             yield url, env
         finally:
             stop_process(proc)

@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import copy_working_tree, free_port, stage_env, stop_process, write_params
+from tests.conftest import copy_working_tree, free_port, stage_env, stop_process, wait_until_serving, write_params
 
 pytestmark = pytest.mark.e2e
 TASKS = ["shape", "color", "size", "position"]
@@ -150,12 +150,12 @@ def test_mlflow_run_registry_and_loaded_model(repro: Path, monkeypatch: pytest.M
 
 def test_mlflow_ui_server_shows_run_metrics_plots_and_champion(repro: Path, tmp_path: Path):
     """What a user sees in `mlflow ui`: served over the REST API from the pipeline's SQLite store."""
-    import time
     import urllib.parse
     import urllib.request
 
     port = free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
+    log_path = tmp_path / "mlflow-server.log"
+    log = open(log_path, "w")
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{repro / 'mlflow.db'}",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -170,15 +170,7 @@ def test_mlflow_ui_server_shows_run_metrics_plots_and_champion(repro: Path, tmp_
             return r.read()
 
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                get("/health")
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "mlflow-server.log").read_text()[-3000:]) from None
-                time.sleep(1)
+        wait_until_serving(f"{base}/health", server, log_path, "mlflow server", timeout=180)
         assert b"<html" in get("/").lower()  # the UI itself
         alias = json.loads(get("/api/2.0/mlflow/registered-models/alias", name="mtl-shapes", alias="champion"))
         run_id = alias["model_version"]["run_id"]

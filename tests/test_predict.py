@@ -30,7 +30,7 @@ from mtl_core.registry.predictor import ImageInputError, MultiTaskPredictor, as_
 from mtl_core.registry.register import run_register
 from mtl_core.transforms import eval_transform
 from mtl_core.data.images import resize_rgb as preprocessing_resize
-from tests.conftest import free_port, stage_env, stop_process
+from tests.conftest import free_port, stage_env, stop_process, wait_until_serving
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -363,17 +363,7 @@ def test_served_champion_answers_an_image_and_refuses_wrong_ones_briefly(project
         server = subprocess.Popen(command, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("mlflow models serve did not start:\n" + log_path.read_text()[-3000:])
-            time.sleep(0.5)
+        wait_until_serving(f"{url}/ping", server, log_path, "mlflow models serve", timeout=120)
 
         with Image.open(project / test_images[0][0]) as im:
             image = np.asarray(im.convert("RGB"))
