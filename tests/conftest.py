@@ -91,9 +91,10 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The store's tables made once here: a fresh SQLite store costs every `mtl` process that creates it
     # ~4 s of alembic migrations on 2 cores, and the copies only ever need an empty, current one (the
     # creation of a fresh store has tests of its own in test_tracking.py).
-    from mlflow.tracking import MlflowClient
+    from mtl_core.config import load_config
+    from mtl_core.tracking import _initialise_store, tracking_uri
 
-    MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").search_experiments(max_results=1)
+    _initialise_store(tracking_uri(load_config(root / "params.yaml"), root))
     return root
 
 
