@@ -144,6 +144,29 @@ def test_disabled_comparison_trains_nothing(tmp_path: Path, compared: Path):
     assert json.loads(paths.comparison.read_text()) == {"enabled": False, "reason": "compare.single_task is false"}
 
 
+DISABLED_STAGES = """
+import sys
+from mtl_core.pipeline import run_stage
+for stage in ("baselines", "all_in_one"):
+    assert run_stage(stage, root=sys.argv[1])["enabled"] is False
+print(sorted(m for m in ("mlflow", "torchmetrics", "torch._dynamo", "mtl_core.training.train") if m in sys.modules))
+"""
+
+
+def test_disabled_stages_start_without_the_trainer_or_mlflow(tmp_path: Path):
+    """The default `dvc repro` runs baselines and all_in_one disabled: they must not pay the ~7 s of
+    importing the trainer, torchmetrics and MLflow that a training stage does."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "project"
+    root.mkdir()
+    write_params(root, {"compare": {"single_task": False}})
+    proc = subprocess.run([sys.executable, "-c", DISABLED_STAGES, str(root)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
 def test_negative_transfer_names_the_suggested_grouping(compared: Path, client: MlflowClient):
     """The grouping is the one task_grouping proposes from the train stage's mean task-gradient cosines,
     in comparison.json and as a tag of the model's run; the all-in-one row of the solutions table is

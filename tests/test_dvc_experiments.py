@@ -34,7 +34,7 @@ pytestmark = pytest.mark.e2e
 TASKS = ["shape", "color", "size", "position"]
 # not the committed `equal`: `dvc commit` puts the train stage in DVC's run cache (`dvc repro` does not,
 # for its cache: false output), so a trial with the committed params would be restored, not trained
-METHODS = ["famo", "rlw"]
+METHODS = ["famo", "pcgrad"]  # a loss-based method with state, a gradient-surgery one: the README's sweep
 METRICS_FILE = "metrics.json"  # the compare stage's flat metrics, tracked by git
 # cache: false outputs of `ingest`: git-ignored, so not in the experiment's copy of the project; copied
 # in (`-C`), the ingest stage is up to date there instead of running again

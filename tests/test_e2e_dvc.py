@@ -204,26 +204,3 @@ def test_user_csv_is_one_params_line_away_and_tracked_by_dvc(tmp_path: Path):
     Image.new("RGB", (24, 24), "red").save(csv.parent / "images" / "0.png")
     status = json.loads(dvc(clone, "status", "ingest", "--json").stdout)
     assert "ingest" in status and "data/datasets" in json.dumps(status["ingest"])
-
-
-@pytest.mark.parametrize("weighting", ["pcgrad"])
-def test_other_weighting_retrains_the_multitask_model_and_reuses_the_baselines(repro: Path, weighting: str):
-    """Runs last (it changes params.yaml in the shared clone): a new weighting retrains train and what
-    follows it, while the single-task baselines, which do not depend on the weighting, are reused."""
-    before = json.loads((repro / "reports" / "single_task_metrics.json").read_text())
-    write_params(repro, {"compare": {"single_task": True}, "train": {"weighting": weighting}})
-    proc = dvc(repro, "repro")
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    assert "Running stage 'train'" in proc.stdout and "Running stage 'compare'" in proc.stdout
-    assert "Running stage 'baselines'" not in proc.stdout, proc.stdout
-    assert json.loads((repro / "reports" / "single_task_metrics.json").read_text()) == before
-
-    mlflow.set_tracking_uri(f"sqlite:///{repro / 'mlflow.db'}")
-    run_id = json.loads((repro / "models" / "mlflow_run.json").read_text())["run_id"]
-    run = MlflowClient().get_run(run_id)
-    assert run.data.params["train.weighting"] == weighting
-    comparison = json.loads((repro / "reports" / "comparison.json").read_text())
-    assert run.data.metrics["compare/delta_m_pct/accuracy"] == pytest.approx(comparison["delta_m_pct"]["accuracy"])
-    history = __import__("pandas").read_csv(repro / "reports" / "train_history.csv")
-    assert np.isfinite(history["train/mean/loss"]).all()
-    assert json.loads(dvc(repro, "status", "--json").stdout) == {}

@@ -94,7 +94,9 @@ def uninterrupted(prepared: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("weighting", ["equal", "famo", "pcgrad"])
+# the methods with state of their own (FAMO's task logits, PCGrad's random task order); plain equal
+# weighting resumes bit for bit in test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint
+@pytest.mark.parametrize("weighting", ["famo", "pcgrad"])
 def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(weighting: str, prepared: Path, uninterrupted, tmp_path: Path) -> None:
     root = project(prepared, tmp_path, {"weighting": weighting})
     killed = mtl_train(root, f"train.after_step:{STEPS_PER_EPOCH + 3}")  # epoch 2, after its 3rd step
