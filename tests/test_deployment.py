@@ -104,12 +104,22 @@ def served(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
         _patch(url, f"/deployments/{done[0]['deployment_id']}", {"paused": True})
         while any(r["state"]["type"] in _ACTIVE for r in _flow_runs(url, "every-minute")) and time.monotonic() < deadline:
             time.sleep(2)
+        # A run is COMPLETED before its process exits (it still sends its last log records), and serve's
+        # SIGTERM cancels the run of any flow process it still has, completed or not (seen once: the run
+        # ended CANCELLED). So serve is stopped only once its flow processes are gone.
+        while _children(serve.pid) and time.monotonic() < deadline:
+            time.sleep(1)
     finally:
         stop_process(serve)
         log.close()
     print(f"\nserved deployment: scheduled run completed after {seconds:.0f} s")
     env = {k: v for k, v in env.items() if not k.startswith("MTL_FAULT")}
     return {"clone": clone, "run": done[0], "runs": runs, "env": env, "log": log_path, "fired": fired}
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
 def _patch(url: str, endpoint: str, body: dict) -> None:
