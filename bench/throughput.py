@@ -12,14 +12,25 @@ machine whose numbers you want to quote:
 
     python3 -m uv run python bench/throughput.py [--configs small_cnn@64 resnet18@64 resnet50@224] [--steps 20]
 
+    python3 -m uv run python bench/throughput.py --nproc 1 2 --channels-last false true --compile false true
+
+`--nproc N`: N processes (gloo on CPU, NCCL on CUDA, one GPU each), as `train.distributed.nproc_per_node`
+starts them: each takes batch / N of every global batch, with its own DataLoader and workers, the step
+runs through DistributedDataParallel, and the figures are images/s of all processes together (the
+global batch over the slowest process's time). `--channels-last` and `--compile` are
+`train.channels_last` and `train.compile` (`auto` resolves per device; the compiled step's timing starts
+after its warm-up steps, so the compilation itself is not in it).
+
 Ratios are only meaningful within one run (the numbers move with whatever else the machine is doing).
-One process; N processes each run this loop on their share of the batch (README "Scaling out").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +43,9 @@ from mtl_core.config import load_config
 from mtl_core.data.dataset import CachedMultiTaskDataset
 from mtl_core.losses import task_losses
 from mtl_core.models import build_model
-from mtl_core.runtime import autocast, select_device
+from mtl_core import runtime
+from mtl_core.runtime import autocast, compile_encoder, memory_format, select_device
+from mtl_core.training.ddp import EncodeDecode
 from mtl_core.transforms import normalize_on_device, train_transform
 from mtl_core.weighting import StepContext, build_weighting
 
@@ -47,10 +60,11 @@ def make_cache(folder: Path, n: int, size: int) -> tuple[Path, Path]:
     return images, labels
 
 
-def loader_for(cache, cfg, batch: int, workers: int, device: torch.device) -> DataLoader:
+def loader_for(cache, cfg, batch: int, workers: int, device: torch.device, dist: runtime.Distributed) -> DataLoader:
     data = CachedMultiTaskDataset(*cache, train_transform(cfg.preprocess, normalize=False))  # uint8, as the train stage
+    sampler = torch.utils.data.DistributedSampler(data, dist.world_size, dist.rank, seed=0) if dist.enabled else None
     return DataLoader(
-        data, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+        data, batch_size=batch, shuffle=sampler is None, sampler=sampler, num_workers=workers, drop_last=True,
         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
     )  # fmt: skip
 
@@ -60,85 +74,151 @@ def batches(loader: DataLoader):
         yield from loader
 
 
-def timed(n_warmup: int, n_steps: int, step, device: torch.device) -> float:
-    """Seconds for `n_steps` calls of `step` after `n_warmup` untimed ones."""
+def timed(n_warmup: int, n_steps: int, step, device: torch.device, dist: runtime.Distributed = runtime.SINGLE) -> float:
+    """Seconds for `n_steps` calls of `step` after `n_warmup` untimed ones; with several processes, the
+    slowest one's (they start together after a barrier)."""
     for _ in range(n_warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    dist.barrier()
     start = time.perf_counter()
     for _ in range(n_steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    seconds = torch.tensor([time.perf_counter() - start], device=dist.device)
+    if dist.enabled:
+        torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+    return float(seconds.item())
 
 
-def trainer(backbone: str, weighting: str, cfg, device: torch.device):
+def trainer(backbone: str, weighting: str, cfg, device: torch.device, dist: runtime.Distributed):
+    """The step loop's step (training.loop) on one uint8 batch: layout, normalisation on the device,
+    forward (through DDP with several processes), the method's backward, AdamW."""
     torch.manual_seed(0)
-    model = build_model("hard_sharing", NUM_CLASSES, backbone).to(device).train()
+    layout = memory_format(device, cfg.train.channels_last)
+    model = build_model("hard_sharing", NUM_CLASSES, backbone).to(device, memory_format=layout).train()
+    compile_encoder(model, cfg.train.compile)
+    ddp = None
+    if dist.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(EncodeDecode(model), device_ids=[device.index] if device.type == "cuda" else None)
     method = build_weighting(weighting, list(NUM_CLASSES))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     shared, private = model.shared_parameters(), {t: list(model.task_parameters(t)) for t in NUM_CLASSES}
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        x = normalize_on_device(x, cfg.preprocess.mean, cfg.preprocess.std)  # as the step loop does
-        with autocast(device, cfg.train.amp):
-            z = model.encode(x)
-            losses = task_losses(model.decode(z), y, list(NUM_CLASSES))
-        opt.zero_grad(set_to_none=True)
-        method.backward(losses, StepContext(shared, private, z, last_shared_layer=model.last_shared_layer()))
+        x = normalize_on_device(x.contiguous(memory_format=layout), cfg.preprocess.mean, cfg.preprocess.std)
+        sync = ddp.no_sync() if ddp is not None and method.reduces_gradients else contextlib.nullcontext()
+        with sync:
+            with autocast(device, cfg.train.amp):
+                z, logits = ddp(x) if ddp is not None else (lambda z: (z, model.decode(z)))(model.encode(x))
+                losses = task_losses(logits, y, list(NUM_CLASSES))
+            opt.zero_grad(set_to_none=True)
+            ctx = StepContext(shared, private, z, last_shared_layer=model.last_shared_layer(), dist=dist)
+            method.backward(losses, ctx)
         opt.step()
 
     return train_step
 
 
-def measure(backbone: str, workers: int, weighting: str, steps: int, batch: int, cache, cfg, device) -> dict[str, float]:
-    """images/s of the input pipeline alone, the step alone, and both."""
+def measure(backbone: str, workers: int, weighting: str, steps: int, batch: int, cache, cfg, device,
+            dist: runtime.Distributed = runtime.SINGLE) -> dict[str, float]:  # fmt: skip
+    """images/s of the input pipeline alone, the step alone, and both; with several processes, of all
+    of them together (each takes batch / N of the global batch)."""
     warmup = 3
-    stream = batches(loader_for(cache, cfg, batch, workers, device))
-    input_s = timed(warmup, steps, lambda: next(stream), device)
-    train_step = trainer(backbone, weighting, cfg, device)
+    local = batch // dist.world_size
+    stream = batches(loader_for(cache, cfg, local, workers, device, dist))
+    input_s = timed(warmup, steps, lambda: next(stream), device, dist)
+    train_step = trainer(backbone, weighting, cfg, device, dist)
     x0, y0, _ = next(stream)
     x0, y0 = x0.to(device), y0.to(device)
-    step_s = timed(warmup, steps, lambda: train_step(x0, y0), device)
+    step_s = timed(warmup, steps, lambda: train_step(x0, y0), device, dist)
 
     def full() -> None:
         x, y, _ = next(stream)
         train_step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
 
-    full_s = timed(warmup, steps, full, device)
-    images = steps * batch
+    full_s = timed(warmup, steps, full, device, dist)
+    images = steps * local * dist.world_size
     return {"input": images / input_s, "step": images / step_s, "full": images / full_s}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, job: dict, results) -> None:
+    """One of `world` processes, joined as torchrun's workers are (env:// rendezvous on 127.0.0.1)."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})  # fmt: skip
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    cfg = job["cfg"]
+    dist = runtime.init_distributed(cfg.train.device)
+    try:
+        device = select_device(cfg.train.device)
+        r = measure(job["backbone"], job["workers"], job["weighting"], job["steps"], job["batch"], job["cache"], cfg, device, dist)
+        if dist.is_main:
+            results.put(r)
+    finally:
+        runtime.shutdown_distributed()
+
+
+def measure_processes(nproc: int, **job) -> dict[str, float]:
+    if nproc == 1:
+        return measure(job["backbone"], job["workers"], job["weighting"], job["steps"], job["batch"], job["cache"],
+                       job["cfg"], select_device(job["cfg"].train.device))  # fmt: skip
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.SimpleQueue()
+    torch.multiprocessing.start_processes(_rank_main, args=(nproc, _free_port(), job, results), nprocs=nproc, start_method="spawn")
+    return results.get()
+
+
+def _setting(value: str) -> bool | str:
+    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["small_cnn@64", "resnet18@64", "resnet50@224"],
                         help="backbone@image size")  # fmt: skip
-    parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers per process")
+    parser.add_argument("--nproc", nargs="+", type=int, default=[1], help="processes (DDP), each with batch / N")
+    parser.add_argument("--channels-last", nargs="+", default=["auto"], help="train.channels_last: auto, true, false")
+    parser.add_argument("--compile", nargs="+", default=["false"], help="train.compile: false, true or a mode")
     parser.add_argument("--weighting", default="equal")
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="the global batch")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    base = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
     device = select_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {device} ({name}), torch threads: {torch.get_num_threads()}, batch {args.batch_size}, "
-          f"weighting {args.weighting}, {args.steps} timed steps, bf16: {cfg.train.amp and device.type == 'cuda'}\n")  # fmt: skip
-    print("| backbone | image size | DataLoader workers | input images/s | step images/s | full loop images/s | input ÷ step |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"device: {device} ({name}), torch {torch.__version__}, {os.cpu_count()} CPU threads, global batch "
+          f"{args.batch_size}, weighting {args.weighting}, {args.steps} timed steps, "
+          f"bf16: {base.train.amp and device.type == 'cuda'}, {time.strftime('%Y-%m-%d')}\n")  # fmt: skip
+    print("| backbone | image size | processes | DataLoader workers per process | channels_last | compile "
+          "| input images/s | step images/s | full loop images/s | input ÷ step |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for config in args.configs:
         backbone, _, size = config.partition("@")
-        size = int(size or cfg.preprocess.image_size)
+        size = int(size or base.preprocess.image_size)
         with tempfile.TemporaryDirectory() as tmp:
             cache = make_cache(Path(tmp), max(4 * args.batch_size, 512), size)
-            for workers in args.workers:
-                r = measure(backbone, workers, args.weighting, args.steps, args.batch_size, cache, cfg, device)
-                print(f"| {backbone} | {size} | {workers} | {r['input']:.0f} | {r['step']:.0f} | {r['full']:.0f} | "
-                      f"{r['input'] / r['step']:.2f} |", flush=True)  # fmt: skip
+            for nproc in args.nproc:
+                for workers in args.workers:
+                    for layout in map(_setting, args.channels_last):
+                        for compiled in map(_setting, args.compile):
+                            train = {"device": args.device, "channels_last": layout, "compile": compiled}
+                            cfg = base.model_copy(update={"train": base.train.model_copy(update=train)})
+                            r = measure_processes(nproc, backbone=backbone, workers=workers, weighting=args.weighting,
+                                                  steps=args.steps, batch=args.batch_size, cache=cache, cfg=cfg)  # fmt: skip
+                            nhwc = memory_format(device, layout) == torch.channels_last
+                            print(f"| {backbone} | {size} | {nproc} | {workers} | {'yes' if nhwc else 'no'} | {compiled} | "
+                                  f"{r['input']:.0f} | {r['step']:.0f} | {r['full']:.0f} | {r['input'] / r['step']:.2f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -368,6 +368,16 @@ class TrainConfig(_Strict):
         10, ge=0, description="With on_nonfinite: skip, stop once more than this many batches were skipped."
     )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    channels_last: Annotated[bool, Strict()] | Literal["auto"] = Field(
+        "auto",
+        description="Model and training batches in NHWC memory layout (torch.channels_last), the layout "
+        "cuDNN's bf16 tensor-core convolutions use; auto: on CUDA only.",
+    )
+    compile: Annotated[bool, Strict()] | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        False,
+        description="torch.compile the model's encoder (the backbone, where the compute is): true "
+        "(mode 'default') or a mode name; the first steps pay the compilation.",
+    )
 
     @field_validator("num_workers")
     @classmethod

@@ -48,6 +48,27 @@ def autocast(device: torch.device, amp: bool) -> Iterator[None]:
         yield
 
 
+def memory_format(device: torch.device, channels_last: bool | str) -> torch.memory_format:
+    """The memory layout of the model's convolution weights and of the training batches. NHWC
+    (channels_last) is the layout of cuDNN's tensor-core convolutions, so on CUDA it spares a transpose
+    around every convolution; `auto` uses it there only (on CPU oneDNN picks its own blocked layout)."""
+    on = device.type == "cuda" if channels_last == "auto" else bool(channels_last)
+    return torch.channels_last if on else torch.contiguous_format
+
+
+def compile_encoder(model: torch.nn.Module, setting: bool | str) -> None:
+    """torch.compile the model's `encode` (the backbone: nearly all of a step's compute) in place, for
+    every caller: the step loop, DDP's forward, validation and FAMO's re-evaluation. The parameters stay
+    the model's own, so state dicts, checkpoints and saved weights keep their keys (compiling the whole
+    module would prefix them with `_orig_mod.`); the heads, losses and weighting methods stay eager,
+    where per-task autograd calls (gradient balancing) need no graph breaks. Compiles on the first call
+    of each mode (training, validation under no_grad), which the first steps pay."""
+    if setting is False:
+        return
+    mode = None if setting is True else str(setting)
+    model.encode = torch.compile(model.encode, mode=mode)  # an instance attribute shadows the method
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)

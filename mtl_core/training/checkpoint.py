@@ -48,6 +48,8 @@ NOT_TRAINING = frozenset({
     # the global batch, data order and augmentation do not depend on the number of processes (the ranks
     # take slices of one global order), so a run may resume on another number of GPUs
     "train.distributed.nproc_per_node", "train.distributed.backend",
+    # how the device computes the same step (memory layout, compiled kernels): rounding-level differences
+    "train.channels_last", "train.compile",
 })  # fmt: skip
 """Parameters that do not change what a run computes: changing them still resumes."""
 
