@@ -2,8 +2,9 @@
 
 * input: images/s out of the DataLoader alone (preprocessed-cache Dataset, the Albumentations pipeline
   of params.yaml, uint8 batches collated and, on CUDA, pinned), no model;
-* step: images/s of the training step alone (normalisation on the device, forward, weighting
-  backward, AdamW) on a uint8 batch already on the device;
+* step: images/s of the train stage's own step loop (`training.loop.train_one_epoch`: layout,
+  normalisation on the device, forward, the weighting method's backward, the finiteness checks, AdamW)
+  on one uint8 batch already on the device, again and again;
 * full: the two together, as the train stage's loop runs them;
 
 and input / step: at 1.2 or more the input pipeline outruns the step and the device is not waiting for
@@ -27,7 +28,7 @@ Ratios are only meaningful within one run (the numbers move with whatever else t
 from __future__ import annotations
 
 import argparse
-import contextlib
+import itertools
 import os
 import platform
 import socket
@@ -39,15 +40,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mtl_core import runtime
 from mtl_core.config import load_config
 from mtl_core.data.dataset import CachedMultiTaskDataset
-from mtl_core.losses import task_losses
+from mtl_core.losses import TaskLoss
 from mtl_core.models import build_model
-from mtl_core import runtime
-from mtl_core.runtime import autocast, compile_encoder, memory_format, select_device
-from mtl_core.training.ddp import EncodeDecode
-from mtl_core.transforms import normalize_on_device, train_transform
-from mtl_core.weighting import StepContext, build_weighting
+from mtl_core.runtime import compile_encoder, memory_format, select_device
+from mtl_core.training import ddp as ddp_runtime
+from mtl_core.training.loop import train_one_epoch
+from mtl_core.transforms import train_transform
+from mtl_core.weighting import build_weighting
 
 NUM_CLASSES = {"shape": 5, "color": 6, "size": 3, "position": 4}
 
@@ -74,17 +76,15 @@ def batches(loader: DataLoader):
         yield from loader
 
 
-def timed(n_warmup: int, n_steps: int, step, device: torch.device, dist: runtime.Distributed = runtime.SINGLE) -> float:
-    """Seconds for `n_steps` calls of `step` after `n_warmup` untimed ones; with several processes, the
-    slowest one's (they start together after a barrier)."""
-    for _ in range(n_warmup):
-        step()
+def timed(run, n_warmup: int, n_steps: int, device: torch.device, dist: runtime.Distributed = runtime.SINGLE) -> float:
+    """Seconds of `run(n_steps)` after an untimed `run(n_warmup)`; with several processes, the slowest
+    one's (they start together after a barrier)."""
+    run(n_warmup)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dist.barrier()
     start = time.perf_counter()
-    for _ in range(n_steps):
-        step()
+    run(n_steps)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = torch.tensor([time.perf_counter() - start], device=dist.device)
@@ -94,32 +94,22 @@ def timed(n_warmup: int, n_steps: int, step, device: torch.device, dist: runtime
 
 
 def trainer(backbone: str, weighting: str, cfg, device: torch.device, dist: runtime.Distributed):
-    """The step loop's step (training.loop) on one uint8 batch: layout, normalisation on the device,
-    forward (through DDP with several processes), the method's backward, AdamW."""
+    """`train(batches, n)`: n steps of the train stage's own step loop (training.loop.train_one_epoch:
+    layout, normalisation on the device, forward through DDP with several processes, the method's
+    backward, the finiteness checks, AdamW) on a model set up as `fit` sets it up."""
     torch.manual_seed(0)
-    layout = memory_format(device, cfg.train.channels_last)
-    model = build_model("hard_sharing", NUM_CLASSES, backbone).to(device, memory_format=layout).train()
+    model = build_model("hard_sharing", NUM_CLASSES, backbone).to(device, memory_format=memory_format(device, cfg.train.channels_last))
     compile_encoder(model, cfg.train.compile)
-    ddp = None
-    if dist.enabled:
-        ddp = torch.nn.parallel.DistributedDataParallel(EncodeDecode(model), device_ids=[device.index] if device.type == "cuda" else None)
-    method = build_weighting(weighting, list(NUM_CLASSES))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    shared, private = model.shared_parameters(), {t: list(model.task_parameters(t)) for t in NUM_CLASSES}
+    method = build_weighting(weighting, list(NUM_CLASSES)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss_fn = TaskLoss(list(NUM_CLASSES)).to(device)
+    ddp = ddp_runtime.wrap(model, device, dist)
 
-    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        x = normalize_on_device(x.contiguous(memory_format=layout), cfg.preprocess.mean, cfg.preprocess.std)
-        sync = ddp.no_sync() if ddp is not None and method.reduces_gradients else contextlib.nullcontext()
-        with sync:
-            with autocast(device, cfg.train.amp):
-                z, logits = ddp(x) if ddp is not None else (lambda z: (z, model.decode(z)))(model.encode(x))
-                losses = task_losses(logits, y, list(NUM_CLASSES))
-            opt.zero_grad(set_to_none=True)
-            ctx = StepContext(shared, private, z, last_shared_layer=model.last_shared_layer(), dist=dist)
-            method.backward(losses, ctx)
-        opt.step()
+    def train(batches, n: int) -> None:
+        train_one_epoch(model, batches, method, loss_fn, optimizer, constant, device, cfg, 1, 0, steps_per_epoch=n, ddp=ddp)
 
-    return train_step
+    return train
 
 
 def measure(backbone: str, workers: int, weighting: str, steps: int, batch: int, cache, cfg, device,
@@ -129,17 +119,12 @@ def measure(backbone: str, workers: int, weighting: str, steps: int, batch: int,
     warmup = 3
     local = batch // dist.world_size
     stream = batches(loader_for(cache, cfg, local, workers, device, dist))
-    input_s = timed(warmup, steps, lambda: next(stream), device, dist)
-    train_step = trainer(backbone, weighting, cfg, device, dist)
-    x0, y0, _ = next(stream)
-    x0, y0 = x0.to(device), y0.to(device)
-    step_s = timed(warmup, steps, lambda: train_step(x0, y0), device, dist)
-
-    def full() -> None:
-        x, y, _ = next(stream)
-        train_step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-
-    full_s = timed(warmup, steps, full, device, dist)
+    input_s = timed(lambda n: [next(stream) for _ in range(n)], warmup, steps, device, dist)
+    train = trainer(backbone, weighting, cfg, device, dist)
+    x0, y0, w0 = next(stream)
+    on_device = (x0.to(device), y0, w0)  # the labels stay on the host, where the loop reads which are labelled
+    step_s = timed(lambda n: train(itertools.repeat(on_device, n), n), warmup, steps, device, dist)
+    full_s = timed(lambda n: train(itertools.islice(stream, n), n), warmup, steps, device, dist)
     images = steps * local * dist.world_size
     return {"input": images / input_s, "step": images / step_s, "full": images / full_s}
 
