@@ -45,7 +45,7 @@ from mtl_core.config import load_config
 from mtl_core.data.dataset import CachedMultiTaskDataset
 from mtl_core.losses import TaskLoss
 from mtl_core.models import build_model
-from mtl_core.runtime import compile_encoder, memory_format, select_device
+from mtl_core.runtime import memory_format, place_model, select_device
 from mtl_core.training import ddp as ddp_runtime
 from mtl_core.training.loop import train_one_epoch
 from mtl_core.transforms import train_transform
@@ -98,8 +98,7 @@ def trainer(backbone: str, weighting: str, cfg, device: torch.device, dist: runt
     layout, normalisation on the device, forward through DDP with several processes, the method's
     backward, the finiteness checks, AdamW) on a model set up as `fit` sets it up."""
     torch.manual_seed(0)
-    model = build_model("hard_sharing", NUM_CLASSES, backbone).to(device, memory_format=memory_format(device, cfg.train.channels_last))
-    compile_encoder(model, cfg.train.compile)
+    model = place_model(build_model("hard_sharing", NUM_CLASSES, backbone), device, cfg.train.channels_last, cfg.train.compile)
     method = build_weighting(weighting, list(NUM_CLASSES)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -140,11 +139,9 @@ def _rank_main(rank: int, world: int, port: int, job: dict, results) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})  # fmt: skip
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    cfg = job["cfg"]
-    dist = runtime.init_distributed(cfg.train.device)
+    dist = runtime.init_distributed(job["cfg"].train.device)
     try:
-        device = select_device(cfg.train.device)
-        r = measure(job["backbone"], job["workers"], job["weighting"], job["steps"], job["batch"], job["cache"], cfg, device, dist)
+        r = measure(**job, device=select_device(job["cfg"].train.device), dist=dist)
         if dist.is_main:
             results.put(r)
     finally:
@@ -153,8 +150,7 @@ def _rank_main(rank: int, world: int, port: int, job: dict, results) -> None:
 
 def measure_processes(nproc: int, **job) -> dict[str, float]:
     if nproc == 1:
-        return measure(job["backbone"], job["workers"], job["weighting"], job["steps"], job["batch"], job["cache"],
-                       job["cfg"], select_device(job["cfg"].train.device))  # fmt: skip
+        return measure(**job, device=select_device(job["cfg"].train.device))
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.SimpleQueue()
     torch.multiprocessing.start_processes(_rank_main, args=(nproc, _free_port(), job, results), nprocs=nproc, start_method="spawn")

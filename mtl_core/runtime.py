@@ -69,6 +69,14 @@ def compile_encoder(model: torch.nn.Module, setting: bool | str) -> None:
     model.encode = torch.compile(model.encode, mode=mode)  # an instance attribute shadows the method
 
 
+def place_model(model: torch.nn.Module, device: torch.device, channels_last: bool | str, compile: bool | str) -> torch.nn.Module:
+    """The model on `device` in the memory layout of `train.channels_last`, its encoder compiled as
+    `train.compile` says: how `fit` (and the throughput benchmark) set a model up for training."""
+    model = model.to(device, memory_format=memory_format(device, channels_last))
+    compile_encoder(model, compile)
+    return model
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)

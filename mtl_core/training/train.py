@@ -39,7 +39,7 @@ from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.tracking import flatten, git_commit, ingested_data_hash, setup_mlflow, write_run_info
 from mtl_core.training import checkpoint
 from mtl_core.training.batch_cache import BatchCache
-from mtl_core.runtime import Distributed, compile_encoder, distributed, memory_format, select_device, seed_everything
+from mtl_core.runtime import Distributed, distributed, place_model, select_device, seed_everything
 from mtl_core.training import ddp as ddp_runtime
 from mtl_core.training.loop import EpochProgress, EpochStats, NonFiniteError, train_one_epoch  # noqa: F401  (NonFiniteError: the error training stops with)
 from mtl_core.training.runs import Resume, fail_orphan_runs, training_run
@@ -297,8 +297,7 @@ def fit(
         cfg.model.arch, tasks.num_classes, cfg.model.backbone, cfg.model.pretrained_weights(paths.root),
         cfg.model.arch_options, stem=stem,
     )  # fmt: skip
-    model = ddp_runtime.prepare_model(model, device, cfg, dist).to(device, memory_format=memory_format(device, cfg.train.channels_last))
-    compile_encoder(model, cfg.train.compile)
+    model = place_model(ddp_runtime.prepare_model(model, device, cfg, dist), device, cfg.train.channels_last, cfg.train.compile)
     weighting = build_weighting(cfg.train.weighting, tasks.names, dict(cfg.train.weighting_options)).to(device)
     if isinstance(weighting, GradientBalancing):
         weighting.for_model(model.exact_representation_gradients)  # on: auto
