@@ -61,9 +61,11 @@ Float = Annotated[float, AllowInfNan(False), _no_booleans("a number")]
 class BuiltinDataConfig(_Strict):
     """The built-in synthetic shapes dataset (generated from a seed, never downloaded)."""
 
-    num_images: Int = Field(6000, ge=20)
-    image_size: Int = Field(64, ge=32, le=512)
-    seed: Int = Field(0, ge=0)
+    num_images: Int = Field(6000, ge=20, description="Number of images generated.")
+    image_size: Int = Field(64, ge=32, le=512, description="Side of the generated square images, in pixels.")
+    seed: Int = Field(
+        0, ge=0, description="Seed of the generator: the same seed gives the same images and labels."
+    )
 
 
 _EMPTY_SPLIT = {
@@ -74,10 +76,22 @@ _EMPTY_SPLIT = {
 
 
 class SplitConfig(_Strict):
-    train: Float = Field(0.7, lt=1)
-    val: Float = Field(0.15, lt=1)
-    test: Float = Field(0.15, lt=1)
-    seed: Int = 42
+    train: Float = Field(
+        0.7, lt=1,
+        description="Fraction of the rows in the training split, above 0; train + val + test must sum to 1. "
+        "Not used when the manifest has a split column (train, val, test), which is then the split.",
+    )  # fmt: skip
+    val: Float = Field(
+        0.15, lt=1,
+        description="Fraction of the rows in the validation split (it picks the epoch whose weights are "
+        "kept), above 0.",
+    )  # fmt: skip
+    test: Float = Field(
+        0.15, lt=1, description="Fraction of the rows in the test split (the evaluate stage's), above 0."
+    )
+    seed: Int = Field(
+        42, description="Seed of the split, which is stratified on the joint label of all tasks."
+    )
     group_column: str | None = Field(
         None,
         description="A manifest column (a person, patient, product id): all rows of a group go to one split, "
@@ -112,14 +126,28 @@ class SplitConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: str = "builtin:shapes"
+    source: str = Field(
+        "builtin:shapes",
+        description="builtin:<name> (builtin:shapes, builtin:shape_attributes: generated from a seed, no "
+        "download), or the path of a CSV manifest: a 'path' column relative to the CSV's folder plus one "
+        "label column per task, e.g. data/datasets/faces/labels.csv.",
+    )
     tasks: list[str] = Field(
         default_factory=list,
         description="Label columns to train on; empty means every column of the manifest except 'path'.",
     )
-    builtin: BuiltinDataConfig = BuiltinDataConfig()
-    split: SplitConfig = SplitConfig()
-    max_rejected_fraction: Float = Field(0.05, ge=0, le=1)
+    builtin: BuiltinDataConfig = Field(
+        BuiltinDataConfig(), description="The built-in dataset that data.source builtin:<name> generates."
+    )
+    split: SplitConfig = Field(
+        SplitConfig(),
+        description="How the rows are split into train, val and test when the manifest has no split column.",
+    )
+    max_rejected_fraction: Float = Field(
+        0.05, ge=0, le=1,
+        description="Ingest fails if a larger fraction of the manifest's rows is rejected "
+        "(data/ingested/rejected.csv lists them with the reason).",
+    )  # fmt: skip
     missing_labels: Literal["reject", "allow"] = Field(
         "reject",
         description="A row with an empty label cell: 'reject' it, or 'allow' it (the empty task adds no loss "
@@ -192,7 +220,10 @@ class AugmentStep(BaseModel):
     """One Albumentations transform: its class name plus keyword arguments (p, limits, ...)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str
+    name: str = Field(
+        description="The Albumentations transform's class name (Affine, RandomBrightnessContrast, ...); the "
+        "step's other keys are its keyword arguments (p, limits, ...)."
+    )
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -200,15 +231,39 @@ class AugmentStep(BaseModel):
 
 
 class PreprocessConfig(_Strict):
-    image_size: Int = Field(64, ge=16, le=1024)
-    mean: tuple[Float, Float, Float] = (0.485, 0.456, 0.406)
-    std: tuple[Float, Float, Float] = (0.229, 0.224, 0.225)
-    augment: list[AugmentStep] = Field(default_factory=list)
+    image_size: Int = Field(
+        64, ge=16, le=1024,
+        description="Side in pixels of the square images that preprocess resizes every image to once: "
+        "the model's input size.",
+    )  # fmt: skip
+    mean: tuple[Float, Float, Float] = Field(
+        (0.485, 0.456, 0.406),
+        description="Per-channel (RGB) mean subtracted from pixels scaled to [0, 1]; ImageNet's by default.",
+    )
+    std: tuple[Float, Float, Float] = Field(
+        (0.229, 0.224, 0.225),
+        description="Per-channel (RGB) standard deviation the pixels are divided by after the mean; "
+        "ImageNet's by default.",
+    )
+    augment: list[AugmentStep] = Field(
+        default_factory=list,
+        description="Albumentations transforms (class name and arguments) applied in order, on the fly, to "
+        "training images only. Keep them label-preserving for your tasks: the project's params.yaml avoids "
+        "flips (the built-in position task) and hue shifts (color).",
+    )
 
 
 class ModelConfig(_Strict):
-    arch: str = "hard_sharing"
-    arch_options: dict[str, Any] = Field(default_factory=dict)
+    arch: str = Field(
+        "hard_sharing",
+        description="Multi-task architecture: hard_sharing (one shared backbone, one linear head per task), "
+        "mmoe (shared experts mixed by one gate per task) or cross_stitch (one backbone per task, mixed).",
+    )
+    arch_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the architecture, e.g. mmoe {num_experts: 4, expert_dim: 256}, "
+        "cross_stitch {alpha_same: 0.9}; option names are checked at load.",
+    )
     backbone: str = Field(
         "resnet18",
         description="A name of mtl_core/models/backbones.py, 'timm:<name>', 'tv:<name>', or any torchvision "
@@ -316,25 +371,50 @@ def auto_num_workers(nproc: int = 1) -> int:
 
 
 class TrainConfig(_Strict):
-    epochs: Int = Field(5, ge=1)
-    batch_size: Int = Field(128, ge=1)
-    lr: Float = Field(2e-3, gt=0)
-    weight_decay: Float = Field(1e-4, ge=0)
-    weighting: str = "equal"
-    weighting_options: dict[str, Any] = Field(default_factory=dict)
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    amp: bool = True
+    epochs: Int = Field(
+        5, ge=1,
+        description="Training epochs; the weights kept are those of the epoch with the best mean validation "
+        "accuracy.",
+    )  # fmt: skip
+    batch_size: Int = Field(
+        128, ge=1,
+        description="Training batch size; with train.distributed the global batch (each of N processes "
+        "takes batch_size / N).",
+    )  # fmt: skip
+    lr: Float = Field(
+        2e-3, gt=0, description="Peak learning rate of AdamW under a one-cycle schedule (the heads' rate)."
+    )
+    weight_decay: Float = Field(1e-4, ge=0, description="AdamW's weight decay.")
+    weighting: str = Field(
+        "equal",
+        description="Loss weighting or gradient balancing method by name (equal, fixed, uncertainty, dwa, "
+        "gradnorm, rlw, famo, task_assignment, pcgrad, cagrad, mgda, imtl, nash_mtl, aligned_mtl); an unknown "
+        "name fails at load with the list.",
+    )
+    weighting_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of the weighting method, e.g. cagrad {c: 0.4, on: representation}; names are "
+        "checked at load, values when the method is built.",
+    )
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto: cuda, then mps, then cpu.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA.")
     num_workers: Int | Literal["auto"] = Field(
         "auto", description="DataLoader workers per process; auto: the cores per process minus one, at most 8."
     )
-    seed: Int = 0
-    max_steps_per_epoch: Int | None = Field(None, ge=1)
+    seed: Int = Field(
+        0,
+        description="Seed of training: the initial weights, and the data order and each sample's augmentation "
+        "(functions of the seed, the epoch and the sample, whatever the number of DataLoader workers).",
+    )
+    max_steps_per_epoch: Int | None = Field(
+        None, ge=1, description="null: every batch of the training split; N: at most N optimizer steps an epoch."
+    )
     class_weights: Literal["none", "inverse_frequency"] | ClassWeights = Field(
         "none",
         description="Per-task class weights of the cross-entropy: 'none', 'inverse_frequency' (N / (C * n_c) "
         "from the training labels) or {task: {class: weight}} (unlisted classes weigh 1.0).",
     )
-    label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    label_smoothing: Float = Field(0.0, ge=0, lt=1, description="Label smoothing of every task's cross-entropy.")
     grad_clip: Float | None = Field(
         None, gt=0, allow_inf_nan=False,
         description="Max L2 norm of the shared parameters' gradient, applied after the weighting method's "
@@ -367,7 +447,11 @@ class TrainConfig(_Strict):
     max_skipped_steps: Int = Field(
         10, ge=0, description="With on_nonfinite: skip, stop once more than this many batches were skipped."
     )
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="DistributedDataParallel through torchrun: how many processes train one model; "
+        "train.batch_size is then the global batch.",
+    )
     channels_last: Annotated[bool, Strict()] | Literal["auto"] = Field(
         "auto",
         description="Model and training batches in NHWC memory layout (torch.channels_last), the layout "
@@ -429,8 +513,12 @@ class TrainConfig(_Strict):
 
 
 class MlflowConfig(_Strict):
-    experiment: str = "mtl-pipeline"
-    model_name: str = "mtl-shapes"
+    experiment: str = Field("mtl-pipeline", description="The MLflow experiment that holds the runs.")
+    model_name: str = Field(
+        "mtl-shapes",
+        description="The registered model's name; the register stage moves its alias champion "
+        "(models:/<model_name>@champion).",
+    )
     tracking_uri: str | None = Field(
         None, description="None: $MLFLOW_TRACKING_URI, else the project's SQLite store mlflow.db."
     )
@@ -450,7 +538,12 @@ class RegisterConfig(_Strict):
 class CompareConfig(_Strict):
     """Single-task baselines (one model per task, same backbone, budget and data) and the gain Δm."""
 
-    single_task: bool = False
+    single_task: bool = Field(
+        False,
+        description="true: the baselines stage trains one single-task model per task and compare reports "
+        "Δm and negative transfer (and, with model.task_groups, the all_in_one stage trains the all-in-one "
+        "reference).",
+    )
     shared_input: bool = Field(
         True,
         description="The single-task baselines decode and augment each epoch's batches once: the first "
@@ -471,9 +564,13 @@ class CompareConfig(_Strict):
 class ScheduleConfig(_Strict):
     """The Prefect deployment that retrains on a timetable (flows/deployment.py)."""
 
-    deployment: str = "scheduled-retrain"
-    cron: str = "0 3 * * 1"
-    timezone: str = "UTC"
+    deployment: str = Field("scheduled-retrain", description="The Prefect deployment's name.")
+    cron: str = Field(
+        "0 3 * * 1",
+        description="When it runs: a cron expression of 5 fields (minute hour day month weekday); the "
+        "default is Mondays at 03:00.",
+    )
+    timezone: str = Field("UTC", description="The time zone of the cron expression.")
 
     @field_validator("cron")
     @classmethod
@@ -488,14 +585,36 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
     class PipelineConfig(_Strict):
-        data: DataConfig = DataConfig()
-        preprocess: PreprocessConfig = PreprocessConfig()
-        model: ModelConfig = ModelConfig()
-        train: TrainConfig = TrainConfig()
-        mlflow: MlflowConfig = MlflowConfig()
-        register: RegisterConfig = RegisterConfig()
-        compare: CompareConfig = CompareConfig()
-        schedule: ScheduleConfig = ScheduleConfig()
+        data: DataConfig = Field(
+            DataConfig(),
+            description="Where the images and labels come from, how they are checked and how they are split "
+            "(the ingest stage).",
+        )
+        preprocess: PreprocessConfig = Field(
+            PreprocessConfig(), description="Image size, normalisation and the training augmentation."
+        )
+        model: ModelConfig = Field(
+            ModelConfig(), description="The network: architecture, backbone, pretrained weights, stem, task groups."
+        )
+        train: TrainConfig = Field(
+            TrainConfig(),
+            description="Training of the train stage, and of the baselines and all_in_one stages, which use "
+            "the same loop.",
+        )
+        mlflow: MlflowConfig = Field(
+            MlflowConfig(), description="The MLflow experiment, the registered model's name and the tracking store."
+        )
+        register: RegisterConfig = Field(
+            RegisterConfig(),
+            description="The champion gate of the register stage (a new version is always registered).",
+        )
+        compare: CompareConfig = Field(
+            CompareConfig(),
+            description="Multi-task against one single-task model per task (same backbone, budget and data).",
+        )
+        schedule: ScheduleConfig = Field(
+            ScheduleConfig(), description="The Prefect deployment that retrains on a timetable."
+        )
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
