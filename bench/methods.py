@@ -62,8 +62,11 @@ def run_method(workdir: Path, method: str, seeds: list[int]) -> list[dict]:
     from mtl_core.config import load_config
     from mtl_core.paths import ProjectPaths
     from mtl_core.tasks import TaskSpec
-    from mtl_core.training.baselines import fit_and_score, single_task_config
+    from mtl_core.evaluation.scoring import score_folder
     from mtl_core.runtime import select_device
+    from mtl_core.stages.baselines import single_task_config
+    from mtl_core.training.engine import fit
+    from mtl_core.training.model_files import ModelFiles
 
     base = load_config(workdir / "params.yaml")
     paths = ProjectPaths(workdir)
@@ -88,7 +91,8 @@ def run_method(workdir: Path, method: str, seeds: list[int]) -> list[dict]:
         for task, spec, columns in jobs:
             folder = workdir / "runs" / method / str(seed) / (task or "all")
             with mlflow.start_run(run_name=f"{method} seed {seed} {task or ''}".strip()):
-                per_task = fit_and_score(cfg, paths, spec, folder, columns)
+                fit(cfg, paths, spec, ModelFiles.in_folder(folder), label_columns=columns)
+                per_task = score_folder(cfg, paths, folder, columns)
             seconds += json.loads((folder / "train_metrics.json").read_text())["train_seconds"]
             accuracy.update({t: v["accuracy"] for t, v in per_task.items()})
         memory = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mib() - rss_before

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from mtl_core.training.loop import train_one_epoch
+from mtl_core.training.loop import EpochPlan, StepSettings, train_one_epoch
+from mtl_core.training.state import TrainingState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,7 +61,7 @@ class Trainer:
     def __init__(self, method: str, num_tasks: int, cfg, backbone: str, batch: int, size: int) -> None:
         from mtl_core.losses import TaskLoss
         from mtl_core.models import build_model
-        from mtl_core.training.train import build_optimizer
+        from mtl_core.training.optim import build_optimizer
         from mtl_core.weighting import build_weighting
 
         name, options = METHODS[method]
@@ -90,10 +91,9 @@ class Trainer:
             last[0] = progress.seconds
 
         data = [self.data[(self.step + i) % len(self.data)] for i in range(steps)]
-        train_one_epoch(
-            self.model, data, self.weighting, self.loss_fn, self.optimizer, self.scheduler, torch.device("cpu"),
-            self.cfg, epoch=1, global_step=self.step, steps_per_epoch=steps, on_step=on_step,
-        )  # fmt: skip
+        state = TrainingState(self.model, self.optimizer, self.scheduler, self.weighting)
+        plan = EpochPlan(1, global_step=self.step, steps=steps)
+        train_one_epoch(state, self.loss_fn, data, StepSettings.from_config(self.cfg), torch.device("cpu"), plan, on_step=on_step)
         self.step += steps
         return seconds
 

@@ -47,7 +47,8 @@ from mtl_core.losses import TaskLoss
 from mtl_core.models import build_model
 from mtl_core.runtime import memory_format, place_model, select_device
 from mtl_core.training import ddp as ddp_runtime
-from mtl_core.training.loop import train_one_epoch
+from mtl_core.training.loop import EpochPlan, StepSettings, train_one_epoch
+from mtl_core.training.state import TrainingState
 from mtl_core.transforms import train_transform
 from mtl_core.weighting import build_weighting
 
@@ -104,9 +105,10 @@ def trainer(backbone: str, weighting: str, cfg, device: torch.device, dist: runt
     constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss_fn = TaskLoss(list(NUM_CLASSES)).to(device)
     ddp = ddp_runtime.wrap(model, device, dist)
+    state, settings = TrainingState(model, optimizer, constant, method), StepSettings.from_config(cfg)
 
     def train(batches, n: int) -> None:
-        train_one_epoch(model, batches, method, loss_fn, optimizer, constant, device, cfg, 1, 0, steps_per_epoch=n, ddp=ddp)
+        train_one_epoch(state, loss_fn, batches, settings, device, EpochPlan(1, steps=n), ddp=ddp)
 
     return train
 

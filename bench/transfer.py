@@ -4,7 +4,7 @@ Trains, with the train stage's own `fit` on the same data, backbone, budget and 
 model (all tasks) and a single-task model for each task named by `--single`, with the task-gradient
 tracker on in both (every `--every` steps: per task |g_t|, the effective learning rate
 -d.g_t/|g_t|^2 of the optimizer's actual step d, the step's alignment cos(-d, g_t), and the pairwise
-task-gradient cosines; see mtl_core/evaluation/task_relations.py). Scores every model on the test split
+task-gradient cosines; see mtl_core/training/gradient_cosine.py). Scores every model on the test split
 and prints, per epoch, the focus task's validation accuracy and gradient statistics side by side;
 writes everything to `--out`.json/.md.
 
@@ -66,13 +66,14 @@ def train_and_score(workdir: Path, label: str, single: str | None, subset: list[
     import pandas as pd
 
     from mtl_core.config import load_config
-    from mtl_core.evaluation.evaluate import make_test_loader, score
+    from mtl_core.evaluation.scoring import make_test_loader, score
     from mtl_core.models.io import load_model
     from mtl_core.paths import ProjectPaths
     from mtl_core.tasks import TaskSpec
-    from mtl_core.training.baselines import single_task_config
+    from mtl_core.stages.baselines import single_task_config
     from mtl_core.runtime import select_device
-    from mtl_core.training.train import ModelFiles, fit
+    from mtl_core.training.engine import fit
+    from mtl_core.training.model_files import ModelFiles
 
     cfg = load_config(workdir / "params.yaml")
     paths = ProjectPaths(workdir)

@@ -1,5 +1,5 @@
 """`mtl`: the command line. Each stage command is a thin shell over `mtl_core.pipeline`; `mtl predict`
-over `mtl_core.registry.prediction`."""
+over `mtl_core.registry.prediction` (and the model and image modules beside it)."""
 
 from __future__ import annotations
 
@@ -80,9 +80,11 @@ def _predict(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mtl_core.registry import prediction
+    from mtl_core.registry.image_files import check_images
+    from mtl_core.registry.model_source import load_model_for_prediction
 
-    images = prediction.check_images(args.images)  # before the (slow) model load
-    model = prediction.load_model_for_prediction(args.model, Path(args.root).resolve(), Path(args.params))
+    images = check_images(args.images)  # before the (slow) model load
+    model = load_model_for_prediction(args.model, Path(args.root).resolve(), Path(args.params))
     records = prediction.predict_files(model, images)
     if args.json:
         print(prediction.to_json(records))

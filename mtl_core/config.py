@@ -266,7 +266,7 @@ class ModelConfig(_Strict):
     )
     backbone: str = Field(
         "resnet18",
-        description="A name of mtl_core/models/backbones.py, 'timm:<name>', 'tv:<name>', or any torchvision "
+        description="A name of mtl_core/models/backbones/registry.py, 'timm:<name>', 'tv:<name>', or any torchvision "
         "(then timm) classification model name.",
     )
     pretrained: bool | str = Field(
@@ -283,7 +283,7 @@ class ModelConfig(_Strict):
     task_groups: list[list[str]] | None = Field(
         None,
         description="null: one network for every task; [[a, b], [c]]: one multi-task network per group, used "
-        "as one model (mtl_core/training/groups.py); every task in exactly one group (checked against the data).",
+        "as one model (mtl_core/training/groups.py, stages/train.py); every task in exactly one group (checked against the data).",
     )
 
     WEIGHT_SUFFIXES: ClassVar[tuple[str, ...]] = (".safetensors", ".pth", ".pt")
@@ -525,7 +525,7 @@ class MlflowConfig(_Strict):
 
 
 class RegisterConfig(_Strict):
-    """The champion gate of the register stage (mtl_core/registry/register.py)."""
+    """The champion gate of the register stage (mtl_core/registry/gate.py)."""
 
     min_mean_accuracy: Float = Field(
         0.0, ge=0, le=1, allow_inf_nan=False,
@@ -667,3 +667,16 @@ def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(raw, str(path))
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested parameters dict (`cfg.model_dump()`) as dotted keys: {"train.lr": 0.002, ...}; an empty
+    dict stays a value (`arch_options: {}`). What MLflow logs as params and a checkpoint fingerprints."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

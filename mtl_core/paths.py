@@ -8,6 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# The files of one trained model, in whichever folder it is (models/, models_single_task/<task>/,
+# models_all_in_one/, models/groups/<i>/, a downloaded copy): the one place of their names.
+WEIGHTS_FILE = "model.safetensors"
+"""Best-on-validation weights (safetensors): what evaluate, register and predict load."""
+CHECKPOINT_FILE = "checkpoint.pt"
+"""The final training state (last-epoch weights, optimizer, method state) a finished training leaves."""
+SPEC_FILE = "model_spec.json"
+"""How to rebuild the network from code: architecture, backbone, tasks, classes, preprocessing."""
+HISTORY_FILE = "train_history.csv"
+CURVES_FILE = "training_curves.png"
+SUMMARY_FILE = "train_metrics.json"
+GRADIENT_COSINE_FILE = "task_gradient_cosine.json"
+RUN_INFO_FILE = "mlflow_run.json"
+
 
 @dataclass(frozen=True)
 class ProjectPaths:
@@ -63,22 +77,22 @@ class ProjectPaths:
     @property
     def weights(self) -> Path:
         """Best-on-validation weights (safetensors): what evaluate and register use."""
-        return self.models_dir / "model.safetensors"
+        return self.models_dir / WEIGHTS_FILE
 
     @property
     def checkpoint(self) -> Path:
         """Last-epoch training state (model, optimizer, epoch), rewritten every epoch."""
-        return self.models_dir / "checkpoint.pt"
+        return self.models_dir / CHECKPOINT_FILE
 
     @property
     def model_spec(self) -> Path:
         """How to rebuild the network from code: architecture, backbone, tasks, classes, preprocessing."""
-        return self.models_dir / "model_spec.json"
+        return self.models_dir / SPEC_FILE
 
     @property
     def run_info(self) -> Path:
         """The MLflow run that trained this model; evaluate and register log into it."""
-        return self.models_dir / "mlflow_run.json"
+        return self.models_dir / RUN_INFO_FILE
 
     @property
     def reports_dir(self) -> Path:
@@ -86,16 +100,20 @@ class ProjectPaths:
 
     @property
     def train_history(self) -> Path:
-        return self.reports_dir / "train_history.csv"
+        return self.reports_dir / HISTORY_FILE
 
     @property
     def train_metrics(self) -> Path:
-        return self.reports_dir / "train_metrics.json"
+        return self.reports_dir / SUMMARY_FILE
+
+    @property
+    def training_curves(self) -> Path:
+        return self.reports_dir / CURVES_FILE
 
     @property
     def gradient_cosine(self) -> Path:
         """Per-epoch task-gradient cosine similarity on the shared parameters (+ a .png heatmap)."""
-        return self.reports_dir / "task_gradient_cosine.json"
+        return self.reports_dir / GRADIENT_COSINE_FILE
 
     @property
     def single_task_dir(self) -> Path:

@@ -12,19 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from mtl_core.config import PipelineConfig, load_config
+from mtl_core.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
 
 # stage -> "module:function"; imported on use so that `mtl ingest` does not pay for importing MLflow.
 STAGES: dict[str, str] = {
-    "ingest": "mtl_core.data.ingest:run_ingest",
-    "preprocess": "mtl_core.data.preprocess:run_preprocess",
-    "train": "mtl_core.training.train:run_train",
-    "evaluate": "mtl_core.evaluation.evaluate:run_evaluate",
-    "register": "mtl_core.registry.register:run_register",
-    "baselines": "mtl_core.training.baselines:run_baselines",
-    "all_in_one": "mtl_core.training.all_in_one:run_all_in_one",
-    "compare": "mtl_core.evaluation.compare:run_compare",
+    "ingest": "mtl_core.stages.ingest:run_ingest",
+    "preprocess": "mtl_core.stages.preprocess:run_preprocess",
+    "train": "mtl_core.stages.train:run_train",
+    "evaluate": "mtl_core.stages.evaluate:run_evaluate",
+    "register": "mtl_core.stages.register:run_register",
+    "baselines": "mtl_core.stages.baselines:run_baselines",
+    "all_in_one": "mtl_core.stages.all_in_one:run_all_in_one",
+    "compare": "mtl_core.stages.compare:run_compare",
 }
 
 
@@ -35,11 +36,17 @@ def stage_function(name: str) -> Callable[[PipelineConfig, Path], Any]:
     return getattr(importlib.import_module(module), func)
 
 
-DISTRIBUTED_STAGE = "mtl_core.training.ddp:run_distributed_stage"
+TRAINING_STAGES = ("train", "baselines", "all_in_one")
+"""The stages that checkpoint and resume after a kill (they take `fresh=True` to start over) and that
+describe their fits as a plan: `plan(cfg, paths)` in the stage's module (training.plan)."""
+
+DISTRIBUTED_STAGE = "mtl_core.training.workers:run_distributed_stage"
 """What a torchrun worker runs for a training stage."""
 
-TRAINING_STAGES = ("train", "baselines", "all_in_one")
-"""The stages that checkpoint and resume after a kill; they take `fresh=True` to start over."""
+
+def stage_plan(name: str) -> Callable[[PipelineConfig, ProjectPaths], list[Any]]:
+    """The `plan(cfg, paths)` of training stage `name`: the fits its stage function makes, in order."""
+    return getattr(importlib.import_module(STAGES[name].split(":")[0]), "plan")
 
 
 def run_stage(name: str, params: str | Path = "params.yaml", root: str | Path = ".", fresh: bool = False) -> Any:
@@ -72,12 +79,12 @@ def launch_torchrun(name: str, params: Path, root: Path, fresh: bool, nproc: int
 
 def _trains_anything(name: str, cfg: PipelineConfig, root: Path) -> bool:
     """Whether the stage fits a model at all (a disabled baselines stage starts no processes)."""
-    module, _ = DISTRIBUTED_STAGE.split(":")
-    return bool(importlib.import_module(module).stage_fit_calls(name, cfg, root))
+    return bool(stage_plan(name)(cfg, ProjectPaths(root)))
 
 
 def _run_distributed(name: str, cfg: PipelineConfig, root: Path, fresh: bool) -> Any:
-    """One torchrun worker (training.ddp.run_distributed_stage); imported by name, like the stages, so
-    that only the training stages depend on the distributed runtime."""
+    """One torchrun worker (training.workers.run_distributed_stage: rank 0 runs the stage function, the
+    other ranks its plan); imported by name, like the stages, so that only the training stages depend on
+    the distributed runtime."""
     module, func = DISTRIBUTED_STAGE.split(":")
-    return getattr(importlib.import_module(module), func)(name, cfg, root, fresh, stage_function(name))
+    return getattr(importlib.import_module(module), func)(cfg, root, fresh, stage_function(name), stage_plan(name))

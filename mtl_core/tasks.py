@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 MISSING_LABEL = -1
 """Label index of a sample that has no label for a task: it adds no loss and no metric for that task."""
 
@@ -30,3 +32,20 @@ class TaskSpec:
     @classmethod
     def load(cls, path: Path) -> TaskSpec:
         return cls(json.loads(path.read_text())["tasks"])
+
+
+def majority_counts(labels: np.ndarray, task_names: list[str]) -> dict[str, tuple[int, int]]:
+    """Per task (column k of `labels`, (N, K) label indices): (how many labelled samples its most
+    frequent class has, how many samples are labelled). Always answering that class is right that often:
+    an accuracy at or below it is chance (the champion gate, the per-task tables)."""
+    out = {}
+    for k, task in enumerate(task_names):
+        y = labels[:, k]
+        y = y[y != MISSING_LABEL]
+        out[task] = (int(np.bincount(y).max()) if y.size else 0, int(y.size))
+    return out
+
+
+def majority_rates(labels: np.ndarray, task_names: list[str]) -> dict[str, float]:
+    """Per task, the accuracy of always answering its most frequent class (NaN: no labelled sample)."""
+    return {t: (m / n if n else float("nan")) for t, (m, n) in majority_counts(labels, task_names).items()}

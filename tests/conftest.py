@@ -92,9 +92,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # ~4 s of alembic migrations on 2 cores, and the copies only ever need an empty, current one (the
     # creation of a fresh store has tests of its own in test_tracking.py).
     from mtl_core.config import load_config
-    from mtl_core.tracking import _initialise_store, tracking_uri
+    from mtl_core.tracking.store import initialise_store, tracking_uri
 
-    _initialise_store(tracking_uri(load_config(root / "params.yaml"), root))
+    initialise_store(tracking_uri(load_config(root / "params.yaml"), root))
     return root
 
 

@@ -16,8 +16,9 @@ from mtl_core import runtime
 from mtl_core.config import load_config
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
-from mtl_core.training.runs import Resume
-from mtl_core.training.train import ModelFiles, fit
+from mtl_core.training.checkpoint import Resume
+from mtl_core.training.engine import fit
+from mtl_core.training.model_files import ModelFiles
 
 
 def fit_methods(root: Path, out: Path, methods: list[str]) -> None:

@@ -7,7 +7,7 @@ from torch import nn
 from mtl_core.models import ARCHITECTURES, build_backbone, build_model
 from mtl_core.models import backbones as backbones_module
 from mtl_core.models.architectures import CrossStitchUnit
-from mtl_core.models.stages import split_stages
+from mtl_core.models.backbones.stage_split import split_stages
 
 NUM_CLASSES = {"a": 2, "b": 5, "c": 7}
 ARCHS = ["hard_sharing", "mmoe", "cross_stitch"]
@@ -247,7 +247,8 @@ def test_arch_options_from_params_reach_the_network_and_survive_the_model_spec(t
     from mtl_core.config import PipelineConfig
     from mtl_core.models.io import load_model
     from mtl_core.tasks import TaskSpec
-    from mtl_core.training.train import write_model_spec
+    from mtl_core.models.io import write_spec
+    from mtl_core.training.model_files import spec_for
 
     cfg = PipelineConfig.model_validate(
         {"model": {"arch": "mmoe", "arch_options": {"num_experts": 2, "expert_dim": 8}, "backbone": "small_cnn"}}
@@ -255,7 +256,7 @@ def test_arch_options_from_params_reach_the_network_and_survive_the_model_spec(t
     torch.manual_seed(0)
     model = build_model("mmoe", NUM_CLASSES, "small_cnn", options=cfg.model.arch_options).eval()
     assert model.num_experts == 2 and model.gates["a"].out_features == 2 and model.expert_dim == 8
-    write_model_spec(tmp_path / "model_spec.json", cfg, TaskSpec({t: [str(i) for i in range(n)] for t, n in NUM_CLASSES.items()}))
+    write_spec(tmp_path / "model_spec.json", spec_for(cfg, TaskSpec({t: [str(i) for i in range(n)] for t, n in NUM_CLASSES.items()})))
     save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
     loaded, spec = load_model(tmp_path / "model_spec.json", tmp_path / "model.safetensors")
     assert spec["arch_options"] == {"num_experts": 2, "expert_dim": 8}

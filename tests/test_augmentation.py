@@ -14,7 +14,7 @@ from mtl_core.config import AugmentStep, load_config
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.runtime import seed_everything
-from mtl_core.training.train import make_loaders
+from mtl_core.training.loaders import make_loaders
 
 
 def with_augment(cfg, steps: list[dict]):

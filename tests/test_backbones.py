@@ -21,13 +21,17 @@ from mtl_core.config import ConfigError, ModelConfig, PipelineConfig, TrainConfi
 from mtl_core.losses import TaskLoss
 from mtl_core.models import BACKBONES, build_backbone, build_model
 from mtl_core.models import backbones as bb
-from mtl_core.models.io import load_model
-from mtl_core.models.stages import split_stages
+from mtl_core.models.io import load_model, write_spec
+from mtl_core.models.backbones.stage_split import split_stages
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
-from mtl_core.tracking import setup_mlflow
-from mtl_core.training import train as train_module
-from mtl_core.training.train import ModelFiles, build_optimizer, check_freezable, fit, train_one_epoch, write_model_spec
+from mtl_core.tracking.store import setup_mlflow
+from mtl_core.training import engine
+from mtl_core.training.engine import fit
+from mtl_core.training.loop import EpochPlan, StepSettings, train_one_epoch
+from mtl_core.training.model_files import ModelFiles, spec_for
+from mtl_core.training.optim import build_optimizer, check_freezable, freeze_backbone
+from mtl_core.training.state import TrainingState
 from mtl_core.weighting import build_weighting
 
 from conftest import write_params
@@ -252,7 +256,7 @@ def test_the_model_spec_records_the_resolved_stem_and_rebuilds_it(tmp_path):
     torch.manual_seed(0)
     model = build_model("hard_sharing", NUM_CLASSES, "resnet18", stem="small").eval()
     spec_path, weights = tmp_path / "model_spec.json", tmp_path / "model.safetensors"
-    write_model_spec(spec_path, cfg, tasks)  # auto at 32 px
+    write_spec(spec_path, spec_for(cfg, tasks))  # auto at 32 px
     save_file(model.state_dict(), str(weights))
     loaded, spec = load_model(spec_path, weights)
     assert spec["stem"] == "small" and spec["pretrained"] is False
@@ -328,7 +332,7 @@ def test_a_fit_with_a_frozen_first_epoch_trains_only_the_heads_then_everything(t
     cfg = load_config(root / "params.yaml")
     paths, tasks = tiny_cache(root)
     snapshots: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
-    real_freeze = train_module.freeze_backbone
+    real_freeze = engine.freeze_backbone
 
     def recording_freeze(model, epoch, train_cfg):
         snapshots[epoch] = {
@@ -337,7 +341,7 @@ def test_a_fit_with_a_frozen_first_epoch_trains_only_the_heads_then_everything(t
         }
         return real_freeze(model, epoch, train_cfg)
 
-    monkeypatch.setattr(train_module, "freeze_backbone", recording_freeze)
+    monkeypatch.setattr(engine, "freeze_backbone", recording_freeze)
     files = ModelFiles.multitask(paths)  # with the task-gradient measurement
     with mlflow.start_run(experiment_id=setup_mlflow(cfg, root)):
         fit(cfg, paths, tasks, files)
@@ -360,19 +364,20 @@ def test_a_frozen_backbone_with_gradient_balancing(tiny_project):
     cfg = load_config(write_params(tiny_project, {"train": {"freeze_backbone_epochs": 1, "weighting": "mgda", "amp": False}}))
     mgda = build_weighting("mgda", list(NUM_CLASSES))
     with pytest.raises(ValueError, match=r"train.freeze_backbone_epochs: 1 leaves model.arch 'hard_sharing' nothing shared"):
-        check_freezable(build_model("hard_sharing", NUM_CLASSES, "small_cnn"), mgda, cfg)
-    check_freezable(build_model("hard_sharing", NUM_CLASSES, "small_cnn"), build_weighting("equal", list(NUM_CLASSES)), cfg)
+        check_freezable(build_model("hard_sharing", NUM_CLASSES, "small_cnn"), mgda, "hard_sharing", cfg.train)
+    check_freezable(build_model("hard_sharing", NUM_CLASSES, "small_cnn"), build_weighting("equal", list(NUM_CLASSES)), "hard_sharing", cfg.train)
     torch.manual_seed(0)
     model = build_model("mmoe", NUM_CLASSES, "small_cnn")
-    check_freezable(model, mgda, cfg)
-    assert train_module.freeze_backbone(model, 1, cfg.train) is True
+    check_freezable(model, mgda, "mmoe", cfg.train)
+    assert freeze_backbone(model, 1, cfg.train) is True
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = build_optimizer(model, mgda, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     x, y = batch(8)
-    train_one_epoch(model, [(x, y, torch.ones(8))], mgda, TaskLoss(list(NUM_CLASSES)), optimizer, scheduler,
-                    torch.device("cpu"), cfg, 1, 0)  # fmt: skip
+    state = TrainingState(model, optimizer, scheduler, mgda)
+    train_one_epoch(state, TaskLoss(list(NUM_CLASSES)), [(x, y, torch.ones(8))], StepSettings.from_config(cfg),
+                    torch.device("cpu"), EpochPlan(1))  # fmt: skip
     moved = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert moved == {"experts", "gates", "heads"}
-    assert train_module.freeze_backbone(model, 2, cfg.train) is False
+    assert freeze_backbone(model, 2, cfg.train) is False
     assert all(p.requires_grad for p in model.parameters())

@@ -14,11 +14,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mtl_core.config import load_config
-from mtl_core.evaluation.evaluate import make_test_loader, score
+from mtl_core.evaluation.scoring import make_test_loader, score
 from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
 from mtl_core.pipeline import run_stage
-from mtl_core.tracking import read_run_info, tracking_uri
+from mtl_core.tracking.runs import read_run_info
+from mtl_core.tracking.store import tracking_uri
 from tests.conftest import write_params
 
 TASKS = ["shape", "color", "size", "position"]
@@ -149,7 +150,7 @@ import sys
 from mtl_core.pipeline import run_stage
 for stage in ("baselines", "all_in_one"):
     assert run_stage(stage, root=sys.argv[1])["enabled"] is False
-print(sorted(m for m in ("mlflow", "torchmetrics", "torch._dynamo", "mtl_core.training.train") if m in sys.modules))
+print(sorted(m for m in ("mlflow", "torchmetrics", "torch._dynamo", "mtl_core.training.engine") if m in sys.modules))
 """
 
 
@@ -204,8 +205,9 @@ def test_baselines_replaying_the_first_tasks_batches_equal_separate_trainings(co
     from safetensors.torch import load_file
 
     from mtl_core.tasks import TaskSpec
-    from mtl_core.training.baselines import single_task_config
-    from mtl_core.training.train import ModelFiles, fit
+    from mtl_core.stages.baselines import single_task_config
+    from mtl_core.training.engine import fit
+    from mtl_core.training.model_files import ModelFiles
 
     paths = ProjectPaths(compared)
     cfg = single_task_config(load_config(compared / "params.yaml"))
@@ -235,9 +237,10 @@ def test_a_recording_replays_every_epoch_and_a_partial_one_is_never_replayed(com
     recording equals `size` trained alone; a recording cut off by a kill is not in place, so the next
     training reads (and records) the epoch itself."""
     from mtl_core.tasks import TaskSpec
-    from mtl_core.training.baselines import single_task_config
+    from mtl_core.stages.baselines import single_task_config
     from mtl_core.training.batch_cache import BatchCache
-    from mtl_core.training.train import ModelFiles, fit
+    from mtl_core.training.engine import fit
+    from mtl_core.training.model_files import ModelFiles
 
     paths = ProjectPaths(compared)
     base = load_config(compared / "params.yaml")

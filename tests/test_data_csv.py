@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from mtl_core.config import ConfigError, config_from_dict
-from mtl_core.data.ingest import IngestError, run_ingest
+from mtl_core.data.manifest import IngestError
+from mtl_core.stages.ingest import run_ingest
 
 NFC = unicodedata.normalize("NFC", "café")
 NFD = unicodedata.normalize("NFD", "café")

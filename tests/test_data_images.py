@@ -14,8 +14,8 @@ from PIL import Image
 
 from mtl_core.config import config_from_dict
 from mtl_core.data.images import ImageError, decode
-from mtl_core.data.ingest import run_ingest
-from mtl_core.data.preprocess import run_preprocess
+from mtl_core.stages.ingest import run_ingest
+from mtl_core.stages.preprocess import run_preprocess
 from mtl_core.paths import SPLITS, ProjectPaths
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)

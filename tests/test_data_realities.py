@@ -19,14 +19,16 @@ from mlflow.tracking import MlflowClient
 from mtl_core.config import ConfigError, config_from_dict, load_config
 from mtl_core.data.builtin.shapes import generate_shapes
 from mtl_core.data.dataset import CachedMultiTaskDataset
-from mtl_core.data.ingest import IngestError, run_ingest
-from mtl_core.data.preprocess import run_preprocess
+from mtl_core.data.manifest import IngestError
+from mtl_core.stages.ingest import run_ingest
+from mtl_core.stages.preprocess import run_preprocess
 from mtl_core.losses import TaskLoss, inverse_frequency_weights, weighted_cross_entropy
 from mtl_core.models import build_model
 from mtl_core.paths import SPLITS, ProjectPaths
 from mtl_core.pipeline import run_stage
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
-from mtl_core.tracking import read_run_info, tracking_uri
+from mtl_core.tracking.runs import read_run_info
+from mtl_core.tracking.store import tracking_uri
 from mtl_core.transforms import eval_transform
 from tests.conftest import write_params
 from tests.test_ingest import make_faces

@@ -14,9 +14,9 @@ from PIL import Image
 from mtl_core.config import config_from_dict
 from mtl_core.data.builtin.shapes import generate_shapes
 from mtl_core.data.disk import DiskSpaceError, free_bytes, require_free_space
-from mtl_core.data.ingest import run_ingest
+from mtl_core.stages.ingest import run_ingest
 from mtl_core.data.parallel import map_chunks
-from mtl_core.data.preprocess import run_preprocess
+from mtl_core.stages.preprocess import run_preprocess
 from mtl_core.paths import SPLITS, ProjectPaths
 from tests.test_ingest import make_faces
 

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from mtl_core.config import ConfigError, config_from_dict
-from mtl_core.data.ingest import IngestError, run_ingest
+from mtl_core.data.manifest import IngestError
+from mtl_core.stages.ingest import run_ingest
 from mtl_core.data.split import grouped_split, shared_keys
 from mtl_core.paths import SPLITS
 from tests.test_ingest import make_faces

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex
 
-from mtl_core.evaluation.curves import grid_shape, plot_training_curves, training_curves_figure
-from mtl_core.evaluation.task_relations import error_correlation, error_correlation_gaps, task_matrix_figure
+from mtl_core.figures.curves import grid_shape, plot_training_curves, training_curves_figure
+from mtl_core.evaluation.task_relations import error_correlation, error_correlation_gaps
+from mtl_core.figures.task_matrix import task_matrix_figure
 from mtl_core.tasks import MISSING_LABEL
 
 TASKS = ["shape", "color", "size", "position"]
@@ -90,7 +91,7 @@ def test_an_na_cell_of_the_error_correlation_says_why():
 
 
 def test_a_forty_task_heatmap_is_capped_in_size_without_cell_numbers():
-    from mtl_core.evaluation.task_relations import ANNOTATE_MAX_TASKS, MAX_MATRIX_INCHES
+    from mtl_core.figures.task_matrix import ANNOTATE_MAX_TASKS, MAX_MATRIX_INCHES
 
     tasks = [f"attr_{i:02d}" for i in range(40)]
     rng = np.random.default_rng(0)
@@ -110,7 +111,7 @@ def test_a_forty_task_heatmap_is_capped_in_size_without_cell_numbers():
 def test_the_confusion_grid_has_one_panel_per_task_coloured_by_row_share(tmp_path: Path):
     """Forty two-class tasks in one figure of small multiples; a cell's colour is its share of the true
     class, its text the count: a head that always answers "no" on 90 no / 10 yes reads 1.0 and 0.0."""
-    from mtl_core.evaluation.confusion import confusion_grid_figure, plot_confusion_grid, row_shares
+    from mtl_core.figures.confusion import confusion_grid_figure, plot_confusion_grid, row_shares
 
     tasks = [f"attr_{i:02d}" for i in range(40)]
     confusions = {t: np.array([[90, 0], [10, 0]]) if i == 0 else np.array([[40, 10], [5, 45]]) for i, t in enumerate(tasks)}

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from mtl_core.config import CompareConfig
-from mtl_core.evaluation import task_relations
+from mtl_core.figures import task_matrix
 from mtl_core.evaluation.comparison import compare_tasks, flat_metrics
 from mtl_core.evaluation.metrics import mean_over_tasks
 from tests.conftest import REPO_ROOT, write_params
@@ -88,7 +88,7 @@ def forty(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train": {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "task_affinity_every": 3},  # one measured step
     })  # fmt: skip
     drawn.clear()
-    original = task_relations.task_matrix_figure
+    original = task_matrix.task_matrix_figure
 
     def recording(matrix, task_names, title, *args, **kwargs):  # the heatmaps the stages draw, read back
         fig = original(matrix, task_names, title, *args, **kwargs)
@@ -96,7 +96,7 @@ def forty(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return fig
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(task_relations, "task_matrix_figure", recording)
+        mp.setattr(task_matrix, "task_matrix_figure", recording)
         for stage in ("ingest", "preprocess", "train", "evaluate", "baselines", "compare"):  # baselines: off
             start = time.monotonic()
             run_stage(stage, root=root)
@@ -110,12 +110,12 @@ def test_forty_task_heatmaps_are_in_cluster_order(forty: Path):
     assert len(drawn) == 2, list(drawn)
     for title, (matrix, names, shown) in drawn.items():
         assert len(names) == 40 and sorted(shown) == sorted(names), title
-        assert shown == [names[i] for i in task_relations.cluster_order(matrix)], title
+        assert shown == [names[i] for i in task_matrix.cluster_order(matrix)], title
         assert shown != names, title  # reordered
 
 
 def test_forty_tasks_have_the_new_metrics_and_readable_figures(forty: Path):
-    from mtl_core.evaluation.task_relations import MAX_MATRIX_INCHES
+    from mtl_core.figures.task_matrix import MAX_MATRIX_INCHES
 
     reports = forty / "reports"
     test = json.loads((reports / "test_metrics.json").read_text())
@@ -141,7 +141,9 @@ def test_forty_tasks_dvc_metrics_show_and_the_mlflow_table(forty: Path):
     from mlflow.tracking import MlflowClient
 
     from mtl_core.config import load_config
-    from mtl_core.tracking import TABLE_FILE, read_run_info, tracking_uri
+    from mtl_core.tracking.runs import read_run_info
+    from mtl_core.tracking.store import tracking_uri
+    from mtl_core.tracking.views import TABLE_FILE
     from mtl_core.paths import ProjectPaths
 
     flat = json.loads((forty / "metrics.json").read_text())

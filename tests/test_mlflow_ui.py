@@ -12,20 +12,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mtl_core.config import config_from_dict
-from mtl_core.evaluation.evaluate import log_table_replacing
-from mtl_core.tracking import (
-    EXPERIMENT_KIND,
-    EXPERIMENT_KIND_TAG,
-    NOTE_TAG,
-    PRIMARY_METRIC_TAG,
-    RESULTS_VIEW,
-    VIEW_TAG_PREFIX,
-    publish_results_view,
-    results_view_path,
-    run_name,
-    setup_mlflow,
-    task_table_markdown,
-)
+from mtl_core.tracking.views import log_table_replacing
+from mtl_core.tracking.runs import run_name
+from mtl_core.tracking.store import setup_mlflow
+from mtl_core.tracking.views import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, NOTE_TAG, PRIMARY_METRIC_TAG, publish_results_view, RESULTS_VIEW, results_view_path, task_table_markdown, VIEW_TAG_PREFIX
 
 VIEW_TAG = VIEW_TAG_PREFIX + RESULTS_VIEW
 
@@ -129,7 +119,7 @@ def test_the_task_table_marks_chance_by_counts_of_test_images():
 def test_the_per_task_mlflow_table_has_the_imbalance_proof_metrics_as_columns():
     """The table logged with the run (TABLE_FILE): balanced accuracy for every task, AUROC and average
     precision for a two-class task and empty (null) for a three-class one, beside the majority rate."""
-    from mtl_core.tracking import per_task_rows
+    from mtl_core.tracking.views import per_task_rows
 
     per_task = {
         "smiling": {"accuracy": 0.9, "balanced_accuracy": 0.5, "auroc": 0.5, "average_precision": 0.1, "support": 100},

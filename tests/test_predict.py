@@ -25,9 +25,9 @@ from PIL import Image
 from mtl_core.cli import main
 from mtl_core.config import PreprocessConfig, load_config
 from mtl_core.paths import ProjectPaths
-from mtl_core.registry import prediction
+from mtl_core.registry import image_files, model_source, prediction
 from mtl_core.registry.predictor import ImageInputError, MultiTaskPredictor, as_image_batch, normalize_lut, resize_rgb
-from mtl_core.registry.register import run_register
+from mtl_core.stages.register import run_register
 from mtl_core.transforms import eval_transform
 from mtl_core.data.images import resize_rgb as preprocessing_resize
 from tests.conftest import free_port, stage_env, stop_process, wait_until_serving
@@ -294,14 +294,14 @@ def test_champion_is_read_from_the_registry_without_mlflow_and_matches_mlflows_p
     version = client.get_model_version_by_alias("mtl-shapes", "champion").version
     resolved = Path(client.get_model_version_download_uri("mtl-shapes", version).removeprefix("file://"))
     for uri in ("models:/mtl-shapes@champion", f"models:/mtl-shapes/{version}"):
-        assert prediction.registry_model_folder(db, uri) == resolved
+        assert model_source.registry_model_folder(db, uri) == resolved
     for unknown in ("models:/mtl-shapes@nope", "models:/mtl-shapes/99", "models:/nope@champion", "runs:/x/model"):
-        assert prediction.registry_model_folder(db, unknown) is None  # MLflow answers, and explains
+        assert model_source.registry_model_folder(db, unknown) is None  # MLflow answers, and explains
 
-    fast = prediction.load_mlflow_model("models:/mtl-shapes@champion", cfg, project)
-    slow = prediction._from_pyfunc(mlflow.pyfunc.load_model("models:/mtl-shapes@champion"), "slow")
+    fast = model_source.load_mlflow_model("models:/mtl-shapes@champion", cfg, project)
+    slow = model_source._from_pyfunc(mlflow.pyfunc.load_model("models:/mtl-shapes@champion"), "slow")
     assert fast.tasks == json.loads(ProjectPaths(project).model_spec.read_text())["tasks"]
-    images = [prediction.read_image(project / rel, fast.image_size) for rel, _ in test_images]
+    images = [image_files.read_image(project / rel, fast.image_size) for rel, _ in test_images]
     a, b = fast.probabilities(images), slow.probabilities(images)
     assert list(a) == list(b) == list(fast.tasks)  # the model's task order, on both paths
     for task in fast.tasks:

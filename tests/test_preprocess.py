@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from mtl_core.config import config_from_dict
-from mtl_core.data.ingest import run_ingest
-from mtl_core.data.preprocess import run_preprocess
+from mtl_core.stages.ingest import run_ingest
+from mtl_core.stages.preprocess import run_preprocess
 from mtl_core.paths import SPLITS, ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.transforms import TransformConfigError, resize_rgb, train_transform

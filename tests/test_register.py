@@ -20,16 +20,11 @@ from safetensors.torch import load_file, save_file
 from mtl_core.config import PipelineConfig, load_config
 from mtl_core.paths import ProjectPaths
 from mtl_core.pipeline import run_stage
-from mtl_core.registry.register import (
-    CHAMPION,
-    GATE_FAILURES_TAG,
-    GATE_REASON_TAG,
-    GATE_TAG,
-    SCORE_TAG,
-    run_register,
-)
+from mtl_core.registry.versions import CHAMPION, GATE_FAILURES_TAG, GATE_REASON_TAG, GATE_TAG, SCORE_TAG
+from mtl_core.stages.register import run_register
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
-from mtl_core.tracking import read_run_info, setup_mlflow, tracking_uri, write_run_info
+from mtl_core.tracking.runs import read_run_info, write_run_info
+from mtl_core.tracking.store import setup_mlflow, tracking_uri
 from tests.conftest import stage_env
 
 FAULT = "register.after_create_version"

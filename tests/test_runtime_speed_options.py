@@ -17,8 +17,9 @@ from mtl_core.models.architectures import HardSharing
 from mtl_core.paths import ProjectPaths
 from mtl_core.runtime import memory_format
 from mtl_core.tasks import TaskSpec
-from mtl_core.tracking import setup_mlflow
-from mtl_core.training.train import ModelFiles, fit
+from mtl_core.tracking.store import setup_mlflow
+from mtl_core.training.engine import fit
+from mtl_core.training.model_files import ModelFiles
 
 from conftest import write_params
 from test_training_behaviour import flipped_validation_project

@@ -18,12 +18,13 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from mtl_core.config import load_config
-from mtl_core.evaluation.evaluate import make_test_loader, score
+from mtl_core.evaluation.scoring import make_test_loader, score
 from mtl_core.models.grouped import TaskGroupedModel, validate_groups
 from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
 from mtl_core.pipeline import run_stage
-from mtl_core.tracking import read_run_info, tracking_uri
+from mtl_core.tracking.runs import read_run_info
+from mtl_core.tracking.store import tracking_uri
 from tests.conftest import write_params
 
 TASKS = ["shape", "color", "size", "position"]

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_core.evaluation.task_relations import GradientCosineTracker, cosine_matrix, error_correlation, plot_task_matrix
+from mtl_core.evaluation.task_relations import error_correlation
+from mtl_core.figures.task_matrix import plot_task_matrix
+from mtl_core.training.gradient_cosine import cosine_matrix, GradientCosineTracker
 
 
 def test_cosine_matrix_of_hand_made_gradients():
@@ -92,7 +94,7 @@ def test_cluster_order_puts_two_interleaved_blocks_side_by_side():
     """Tasks a0..a2 pull together (0.8, 0.9 within), as do b0..b2 (0.7); across the blocks -0.3; in the
     given order the blocks interleave (a0 b0 a1 b1 a2 b2). The clustering's leaves come out block by block,
     and the heatmap's rows and columns follow them."""
-    from mtl_core.evaluation.task_relations import cluster_order, task_matrix_figure
+    from mtl_core.figures.task_matrix import cluster_order, task_matrix_figure
 
     names = ["a0", "b0", "a1", "b1", "a2", "b2"]
     block = np.array([n[0] for n in names])

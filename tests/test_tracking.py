@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from mtl_core.config import config_from_dict
-from mtl_core.tracking import artifact_location, setup_mlflow, sqlite_db_path, tracking_uri
+from mtl_core.tracking.store import artifact_location, setup_mlflow, sqlite_db_path, tracking_uri
 
 
 def test_default_store_is_the_projects_sqlite_file_and_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -52,7 +52,7 @@ from pathlib import Path
 import mlflow
 
 from mtl_core.config import config_from_dict
-from mtl_core.tracking import setup_mlflow
+from mtl_core.tracking.store import setup_mlflow
 
 me, rounds = sys.argv[1], [Path(p) for p in sys.argv[2:]]
 for root in rounds:

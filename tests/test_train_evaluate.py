@@ -16,9 +16,12 @@ from mlflow.tracking import MlflowClient
 from mtl_core.config import load_config
 from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
-from mtl_core.tracking import RESULTS_VIEW, TABLE_FILE, VIEW_TAG_PREFIX, read_run_info, run_name, tracking_uri
+from mtl_core.tracking.runs import read_run_info, run_name
+from mtl_core.tracking.store import tracking_uri
+from mtl_core.tracking.views import RESULTS_VIEW, TABLE_FILE, VIEW_TAG_PREFIX
 from mtl_core.runtime import seed_everything
-from mtl_core.training.train import make_loaders, validate
+from mtl_core.training.loaders import make_loaders
+from mtl_core.training.validation import validate
 
 TASKS = ["shape", "color", "size", "position"]
 

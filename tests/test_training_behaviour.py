@@ -18,9 +18,14 @@ from mtl_core.models import build_model
 from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
-from mtl_core.tracking import setup_mlflow
+from mtl_core.tracking.store import setup_mlflow
 from mtl_core.runtime import seed_everything
-from mtl_core.training.train import ModelFiles, fit, make_loaders, train_one_epoch, validate
+from mtl_core.training.engine import fit
+from mtl_core.training.loaders import make_loaders
+from mtl_core.training.loop import EpochPlan, StepSettings, train_one_epoch
+from mtl_core.training.model_files import ModelFiles
+from mtl_core.training.state import TrainingState
+from mtl_core.training.validation import validate
 from mtl_core.weighting import build_weighting
 
 from conftest import write_params
@@ -96,9 +101,8 @@ def test_the_loop_clips_the_shared_gradient_and_gives_an_unlabelled_task_weight_
     weighting = build_weighting("mgda", ["a", "b"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    progress = train_one_epoch(
-        model, loader, weighting, TaskLoss(["a", "b"]), optimizer, scheduler, torch.device("cpu"), cfg, 1, 0
-    )
+    state = TrainingState(model, optimizer, scheduler, weighting)
+    progress = train_one_epoch(state, TaskLoss(["a", "b"]), loader, StepSettings.from_config(cfg), torch.device("cpu"), EpochPlan(1))
     stats, weights = progress.stats.summary()
     assert (progress.images, progress.steps) == (16, 2)
     assert weights == {"a": pytest.approx(1.0), "b": 0.0}

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
-from mtl_core.models.architectures import MultiTaskModel
+from mtl_core.models.architectures.base import MultiTaskModel
 
 
 def validate_groups(groups: Sequence[Sequence[str]], task_names: Sequence[str]) -> list[list[str]]:

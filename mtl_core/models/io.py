@@ -1,11 +1,12 @@
-"""Save-free loading of a trained model: rebuild the network from code, then load safetensors weights.
-
-No pickle is ever unpickled here: the spec is JSON and the weights are safetensors.
+"""A trained model as files: its spec (JSON: how to rebuild the network from code) and its weights
+(safetensors). `write_spec` writes the spec a training ends with; `load_model` rebuilds the network and
+loads the weights. No pickle is ever unpickled here.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,38 @@ import torch
 from safetensors.torch import load_file
 
 from mtl_core.models.architectures import MultiTaskModel, build_model
+from mtl_core.models.grouped import TaskGroupedModel
 
 SPEC_FORMAT = "mtl-pipeline/model-spec/1"
+
+
+def model_spec(
+    arch: str, arch_options: Mapping[str, Any], backbone: str, stem: str, pretrained: bool | str,
+    tasks: Mapping[str, Sequence[str]], image_size: int, mean: Sequence[float], std: Sequence[float],
+    task_groups: Sequence[Sequence[str]] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The spec of a trained network: `stem` resolved (`imagenet` or `small`, never `auto`, whose meaning
+    may change); `pretrained` is provenance only (loading uses the trained weights); `tasks`: class
+    names per task in label order; `task_groups`: one network per group (models.grouped)."""
+    spec = {
+        "format": SPEC_FORMAT,
+        "arch": arch,
+        "arch_options": dict(arch_options),
+        "backbone": backbone,
+        "stem": stem,
+        "pretrained": pretrained,
+        "tasks": {t: list(c) for t, c in tasks.items()},
+        "image_size": image_size,
+        "mean": list(mean),
+        "std": list(std),
+    }
+    if task_groups:
+        spec["task_groups"] = [list(g) for g in task_groups]
+    return spec
+
+
+def write_spec(path: Path, spec: Mapping[str, Any]) -> None:
+    Path(path).write_text(json.dumps(spec, indent=2) + "\n")
 
 
 def read_spec(path: Path) -> dict[str, Any]:
@@ -36,8 +67,6 @@ def load_model(spec_path: Path, weights_path: Path, device: torch.device | str =
         )  # fmt: skip
 
     if spec.get("task_groups"):  # one network per group, used as one model
-        from mtl_core.models.grouped import TaskGroupedModel
-
         members = [network({t: num_classes[t] for t in g}) for g in spec["task_groups"]]
         model: MultiTaskModel = TaskGroupedModel(members, list(num_classes))
     else:

@@ -22,18 +22,22 @@ import hashlib
 import json
 import logging
 import os
-import random
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-import yaml
 
-from mtl_core.config import PipelineConfig
+from mtl_core.config import PipelineConfig, flatten
 from mtl_core.faults import fault_point
+from mtl_core.hashing import dvc_locked_md5, file_sha256
 from mtl_core.paths import ProjectPaths
-from mtl_core.tracking import file_sha256, flatten
+from mtl_core.runtime import Distributed
+
+if TYPE_CHECKING:
+    from mtl_core.training.progress import EpochProgress
+    from mtl_core.training.state import TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,16 @@ NOT_TRAINING = frozenset({
     "train.channels_last", "train.compile",
 })  # fmt: skip
 """Parameters that do not change what a run computes: changing them still resumes."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What `fit` needs to continue a run: the run's fingerprint, and the checkpoint to resume (None:
+    start at epoch 1). `resumed`: the MLflow run is the one a killed attempt opened."""
+
+    fingerprint: dict[str, Any]
+    state: dict[str, Any] | None = None
+    resumed: bool = False
 
 
 def checkpoints_root(root: Path) -> Path:
@@ -92,12 +106,7 @@ def data_fingerprint(paths: ProjectPaths) -> dict[str, str]:
         for name, path in (("labels", paths.labels_cache(split)), ("weights", paths.weights_cache(split))):
             if path.is_file():
                 out[f"{split}_{name}"] = _sha256(path)
-    lock = paths.root / "dvc.lock"
-    dvc_md5 = None
-    if lock.is_file():
-        for entry in ((yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("preprocess", {}).get("outs", [])):
-            if entry.get("path") == "data/preprocessed":
-                dvc_md5 = entry.get("md5")
+    dvc_md5 = dvc_locked_md5(paths.root, "preprocess", "data/preprocessed")
     for split in ("train", "val"):
         path = paths.images_cache(split)
         if path.is_file():
@@ -132,33 +141,6 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if old.get(part) != new.get(part):
             changes.append(f"{part} changed")
     return changes
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global random generator the training loop may draw from (dropout, methods without their own)."""
-    np_state = np.random.get_state(legacy=False)
-    state = {
-        "python": random.getstate(),
-        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"])}},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    np_state = dict(state["numpy"])
-    np_state["state"] = {"key": np.asarray(np_state["state"]["key"], dtype=np.uint64), "pos": np_state["state"]["pos"]}
-    np.random.set_state(np_state)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -215,6 +197,27 @@ def load_resumable(path: Path, expected: dict[str, Any], fresh: bool = False) ->
 
 def remove(path: Path) -> None:
     """Delete a finished run's checkpoint folder (and an empty parent)."""
-    import shutil
-
     shutil.rmtree(path.parent, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Checkpointer:
+    """Where and as what one training's checkpoints are written: `path` (None: no checkpoints), the
+    fingerprint and MLflow run they belong to, the epochs planned. Under DDP every rank calls `save`
+    at the same steps (a mid-epoch checkpoint holds the epoch's statistics summed over the ranks, a
+    collective); rank 0 writes."""
+
+    path: Path | None
+    fingerprint: dict[str, Any]
+    run_id: str
+    epochs: int
+    dist: Distributed
+
+    def save(self, state: TrainingState, epoch: int, progress: EpochProgress | None = None) -> None:
+        if self.path is None:
+            return
+        if progress is not None:
+            progress = progress.reduced(self.dist)  # a collective: the global sums go into the checkpoint
+        if not self.dist.is_main:
+            return
+        save(self.path, {"fingerprint": self.fingerprint, "run_id": self.run_id, "epochs": self.epochs, **state.state_dict(epoch, progress)})

@@ -14,9 +14,8 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +24,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mtl_core.training import checkpoint
+from mtl_core.training.checkpoint import Resume
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-
-
-@dataclass(frozen=True)
-class Resume:
-    """What `fit` needs to continue a run: the run's fingerprint, and the checkpoint to resume (None:
-    start at epoch 1). `resumed`: the MLflow run is the one a killed attempt opened."""
-
-    fingerprint: dict[str, Any]
-    state: dict[str, Any] | None = None
-    resumed: bool = False
 
 
 def _process_tags() -> dict[str, str]:
@@ -81,11 +71,12 @@ def _write_run_file(path: Path, run_id: str, fingerprint: dict[str, Any]) -> Non
 @contextmanager
 def training_run(
     folder: Path, fingerprint: dict[str, Any], *, experiment_id: str | None = None, run_name: str | None = None,
-    nested: bool = False, fresh: bool = False,
+    nested: bool = False, fresh: bool = False, on_new: Callable[[], None] | None = None,
 ) -> Iterator[tuple[mlflow.ActiveRun, Resume]]:
     """Open the MLflow run of the model checkpointed in `folder` (`run.json`: the run id, written when the
     run starts; `last.pt`: the checkpoint): the killed attempt's run when its fingerprint matches and the
-    run is still in the store, with its checkpoint if there is one; else a new run."""
+    run is still in the store, with its checkpoint if there is one; else a new run, in which `on_new()`
+    records what a run records once (its parameters and tags: tracking.runs.record_new_run)."""
     run_file = folder / RUN_FILE
     recorded = {} if fresh else _read_run_file(run_file)
     state = checkpoint.load_resumable(folder / checkpoint.LAST, fingerprint, fresh)
@@ -108,6 +99,8 @@ def training_run(
         _write_run_file(run_file, run.info.run_id, fingerprint)
     with run:
         mlflow.set_tags(_process_tags())
+        if not same and on_new is not None:
+            on_new()
         yield run, Resume(fingerprint, state, resumed=same)
 
 

@@ -5,7 +5,7 @@ with `np.load(mmap_mode="r")` by every DataLoader worker, and labels are int64 c
 a missing label (an empty manifest cell). `{split}_weights.npy` holds each sample's float32 loss weight:
 the `data.sample_weight_column` values, or ones without that column.
 
-Images are read by mtl_core/data/images.py, as ingest checked them (EXIF orientation, 16-bit scaling).
+Images are read by data/images.py, as ingest checked them (EXIF orientation, 16-bit scaling).
 Bounded memory at any size: the manifest is streamed twice (counts and classes, then the rows), the
 free disk is checked for the whole cache first, and a process pool decodes chunks of rows, each worker
 writing its rows straight into the split's memory-mapped `.npy` (flushed per chunk), so neither the
@@ -14,7 +14,6 @@ pixels nor the paths of all rows are ever held at once.
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Iterator
 from functools import partial
@@ -23,49 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from mtl_core.config import PipelineConfig
+from mtl_core.data.cache import NPY_HEADER, encode_labels, manifest_records, write_images
 from mtl_core.data.disk import require_free_space
-from mtl_core.data.images import ImageError, read_rgb
-from mtl_core.data.ingest import PATH_COLUMN, SPLIT_COLUMN, IngestError
-from mtl_core.data.manifest import ROW_COLUMN
+from mtl_core.data.manifest import PATH_COLUMN, ROW_COLUMN, SPLIT_COLUMN, IngestError
 from mtl_core.data.parallel import chunk_size, map_chunks
 from mtl_core.paths import SPLITS, ProjectPaths
-from mtl_core.tasks import MISSING_LABEL, TaskSpec
-from mtl_core.transforms import resize_rgb, train_transform
+from mtl_core.tasks import TaskSpec
+from mtl_core.transforms import train_transform
 
 log = logging.getLogger(__name__)
-
-NPY_HEADER = 128  # bytes before the array in a .npy file (format 1.0)
-
-
-def encode_labels(rows: list[list[str]], task_index: list[int], tasks: TaskSpec) -> np.ndarray:
-    """(N, T) int64 class indices of the rows' label cells; MISSING_LABEL for an empty cell."""
-    labels = np.full((len(rows), len(tasks.names)), MISSING_LABEL, dtype=np.int64)
-    for k, (task, col) in enumerate(zip(tasks.names, task_index)):
-        index = {c: i for i, c in enumerate(tasks.classes[task])}
-        labels[:, k] = [index.get(r[col], MISSING_LABEL) for r in rows]
-    return labels
-
-
-def _records(manifest: Path) -> Iterator[list[str]]:
-    with open(manifest, newline="", encoding="utf-8") as f:
-        yield from csv.reader(f)
-
-
-def _write_images(images: dict[str, str], root: str, size: int, job: tuple[str, int, list[str]]) -> int:
-    """Decode, resize and write rows start.. of one split's cache (in a worker); returns how many."""
-    split, start, files = job
-    cache = np.load(images[split], mmap_mode="r+")
-    try:
-        for i, rel in enumerate(files):
-            path = Path(root) / rel
-            try:
-                cache[start + i] = resize_rgb(read_rgb(path), size)
-            except (ImageError, OSError) as err:
-                raise IngestError(f"{path}: {err}; it decoded at ingest: run the ingest stage again") from None
-        cache.flush()
-    finally:
-        del cache
-    return len(files)
 
 
 def run_preprocess(cfg: PipelineConfig, root: Path, workers: int | None = None) -> Path:
@@ -73,7 +38,7 @@ def run_preprocess(cfg: PipelineConfig, root: Path, workers: int | None = None) 
     root = Path(root)
     paths = ProjectPaths(root)
     train_transform(cfg.preprocess)  # fail now, not in a DataLoader worker, on a bad augmentation
-    records = _records(paths.manifest)
+    records = manifest_records(paths.manifest)
     header = next(records, [])
     weight_column = cfg.data.sample_weight_column
     if weight_column is not None and weight_column not in header:
@@ -128,7 +93,7 @@ def run_preprocess(cfg: PipelineConfig, root: Path, workers: int | None = None) 
 
     def jobs() -> Iterator[tuple[str, int, list[str]]]:
         pending: dict[str, list[list[str]]] = {s: [] for s in SPLITS}
-        rows = _records(paths.manifest)
+        rows = manifest_records(paths.manifest)
         next(rows)
 
         def flush(s: str) -> tuple[str, int, list[str]]:
@@ -149,7 +114,7 @@ def run_preprocess(cfg: PipelineConfig, root: Path, workers: int | None = None) 
             if pending[s]:
                 yield flush(s)
 
-    write = partial(_write_images, {s: str(paths.images_cache(s)) for s in SPLITS}, str(root), size)
+    write = partial(write_images, {s: str(paths.images_cache(s)) for s in SPLITS}, str(root), size)
     for _ in map_chunks(write, jobs(), total=total, desc="preprocess", workers=workers, size=lambda job: len(job[2])):
         pass
     for labels, weights in caches.values():

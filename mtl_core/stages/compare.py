@@ -22,7 +22,7 @@ from mtl_core.evaluation.comparison import compare_tasks, comparison_rows, flat_
 from mtl_core.evaluation.solutions import markdown, solutions_table
 from mtl_core.evaluation.task_grouping import format_groups, mean_gradient_cosine, propose_grouping
 from mtl_core.paths import ProjectPaths
-from mtl_core.tracking import model_run
+from mtl_core.tracking.runs import model_run
 
 log = logging.getLogger(__name__)
 

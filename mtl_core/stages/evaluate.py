@@ -12,32 +12,27 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
 from mtl_core.config import PipelineConfig
-from mtl_core.data.dataset import CachedMultiTaskDataset
-from mtl_core.evaluation.confusion import plot_confusion, plot_confusion_grid
-from mtl_core.evaluation.metrics import mean_over_tasks, task_metrics
-from mtl_core.evaluation.task_relations import error_correlation, error_correlation_gaps, plot_task_matrix
-from mtl_core.inference import predict_loader
-from mtl_core.models import MultiTaskModel
+from mtl_core.evaluation.metrics import mean_over_tasks
+from mtl_core.evaluation.scoring import make_test_loader, score
+from mtl_core.evaluation.task_relations import error_correlation, error_correlation_gaps
+from mtl_core.figures.confusion import plot_confusion, plot_confusion_grid
+from mtl_core.figures.task_matrix import plot_task_matrix
 from mtl_core.models.io import load_model
 from mtl_core.paths import ProjectPaths
-from mtl_core.tasks import MISSING_LABEL
-from mtl_core.tracking import (
-    NOTE_TAG, TABLE_FILE, model_run, per_task_rows, publish_results_view, results_view_path, run_description,
-)
 from mtl_core.runtime import select_device
-from mtl_core.transforms import eval_transform
+from mtl_core.tasks import MISSING_LABEL, majority_rates
+from mtl_core.tracking.runs import model_run
+from mtl_core.tracking.views import (
+    NOTE_TAG, TABLE_FILE, log_table_replacing, per_task_rows, publish_results_view, results_view_path, run_description,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -46,48 +41,6 @@ log = logging.getLogger(__name__)
 class EvaluateResult:
     metrics: dict[str, dict[str, float]]
     mean: dict[str, float]
-
-
-def make_test_loader(cfg: PipelineConfig, paths: ProjectPaths, label_columns: list[int] | None = None) -> DataLoader:
-    dataset = CachedMultiTaskDataset(
-        paths.images_cache("test"), paths.labels_cache("test"), eval_transform(cfg.preprocess), None, label_columns
-    )
-    return DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=0)
-
-
-def score(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: bool):
-    """Per-task metrics (with `support`, the labelled count), confusion matrices, probabilities, targets."""
-    probs, targets = predict_loader(model, loader, device, amp)
-    per_task: dict[str, dict[str, float]] = {}
-    confusions: dict[str, np.ndarray] = {}
-    for k, task in enumerate(model.task_names):
-        values, confusions[task] = task_metrics(probs[task], targets[:, k])
-        values["support"] = int((targets[:, k] != MISSING_LABEL).sum())
-        per_task[task] = values
-    return per_task, confusions, probs, targets
-
-
-def majority_rates(targets: np.ndarray, task_names: list[str]) -> dict[str, float]:
-    """Per task, the test accuracy of always answering its most frequent test class (NaN: no label)."""
-    rates = {}
-    for k, task in enumerate(task_names):
-        y = targets[:, k][targets[:, k] != MISSING_LABEL]
-        rates[task] = float(np.bincount(y).max() / y.size) if y.size else float("nan")
-    return rates
-
-
-def log_table_replacing(frame: pd.DataFrame, artifact_file: str) -> None:
-    """`mlflow.log_table` into the active run, replacing the table instead of appending to it when the run
-    has it already (evaluate rerun in the same run: DVC reran the stage after a code change)."""
-    run_id = mlflow.active_run().info.run_id
-    folder, name = posixpath.split(artifact_file)
-    if not any(a.path == artifact_file for a in mlflow.MlflowClient().list_artifacts(run_id, folder or None)):
-        mlflow.log_table(frame, artifact_file)
-        return
-    with tempfile.TemporaryDirectory(prefix="mtl-table-") as tmp:
-        path = Path(tmp) / name
-        frame.to_json(path, orient="split", index=False, date_format="iso")  # as log_table writes it
-        mlflow.log_artifact(str(path), artifact_path=folder or None)
 
 
 def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:

@@ -18,6 +18,10 @@ from typing import Any
 
 from mtl_core.config import PipelineConfig
 from mtl_core.paths import ProjectPaths
+from mtl_core.tasks import TaskSpec
+from mtl_core.training import checkpoint
+from mtl_core.training.model_files import ModelFiles
+from mtl_core.training.plan import FitJob
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +38,14 @@ def all_in_one_config(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"task_groups": None})})
 
 
-def stage_fits(cfg: PipelineConfig, tasks: Any) -> list[tuple[PipelineConfig, Any, list[int] | None, bool]]:
-    """The `fit` calls `run_all_in_one` makes (mirrored by the other ranks: training.ddp)."""
-    return [] if disabled_reason(cfg) is not None else [(all_in_one_config(cfg), tasks, None, False)]
+def plan(cfg: PipelineConfig, paths: ProjectPaths) -> list[FitJob]:
+    """The all-in-one network of every task (none when the stage is disabled), resuming from
+    checkpoints/all_in_one/."""
+    if disabled_reason(cfg) is not None:
+        return []
+    resume = checkpoint.checkpoints_root(paths.root) / "all_in_one" / checkpoint.LAST
+    files = ModelFiles.in_folder(paths.all_in_one_dir, resume)
+    return [FitJob("all-in-one reference", all_in_one_config(cfg), TaskSpec.load(paths.tasks_file), None, files)]
 
 
 def run_all_in_one(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict[str, Any]:
@@ -51,33 +60,34 @@ def run_all_in_one(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict
         out.write_text(json.dumps(report, indent=2) + "\n")
         log.info("all_in_one: %s; nothing trained", reason)
         return report
+    (job,) = plan(cfg, paths)
+    report = _train_all_in_one(cfg, paths, job, fresh)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log.info("all_in_one: test accuracy %s", ", ".join(f"{t} {m['accuracy']:.3f}" for t, m in report["tasks"].items()))
+    return report
+
+
+def _train_all_in_one(cfg: PipelineConfig, paths: ProjectPaths, job: FitJob, fresh: bool) -> dict[str, Any]:
+    """The job in an MLflow run of its own, scored on the test split."""
+    from functools import partial  # the imports of a stage that trains: see the module docstring
 
     import mlflow
 
-    from mtl_core.tasks import TaskSpec
-    from mtl_core.tracking import git_commit, ingested_data_hash, run_name, setup_mlflow
-    from mtl_core.training.baselines import fit_and_score, training_cost
-    from mtl_core.training import checkpoint
+    from mtl_core.evaluation.scoring import score_folder
+    from mtl_core.tracking.runs import record_new_run, run_name
+    from mtl_core.tracking.store import setup_mlflow
+    from mtl_core.training.engine import fit
+    from mtl_core.training.model_files import training_cost
     from mtl_core.training.runs import fail_orphan_runs, recorded_run_ids, training_run
-    from mtl_core.training.train import log_config_params
 
-    tasks = TaskSpec.load(paths.tasks_file)
-    exp_id = setup_mlflow(cfg, root)
-    all_cfg = all_in_one_config(cfg)
-    resume_dir = checkpoint.checkpoints_root(root) / "all_in_one"
-    fp = checkpoint.fingerprint(all_cfg, paths, None)
+    exp_id = setup_mlflow(cfg, paths.root)
+    resume_dir = job.files.resume.parent
+    fp = checkpoint.fingerprint(job.cfg, paths, None)
     fail_orphan_runs(exp_id, "all_in_one", keep=recorded_run_ids(resume_dir))
-    with training_run(resume_dir, fp, experiment_id=exp_id, run_name=run_name(cfg, "all_in_one"), fresh=fresh) as (run, resume):
-        if not resume.resumed:
-            log_config_params(all_cfg)
-            tags = {"mtl.stage": "all_in_one", "mtl.kind": "all_in_one_reference", **ingested_data_hash(root)}
-            if commit := git_commit(root):
-                tags["git_commit"] = commit
-            mlflow.set_tags(tags)
-        results = fit_and_score(all_cfg, paths, tasks, folder, resume=resume, resume_dir=resume_dir)
+    new_run = partial(record_new_run, job.cfg, paths.root, {"mtl.stage": "all_in_one", "mtl.kind": "all_in_one_reference"})
+    with training_run(resume_dir, fp, experiment_id=exp_id, run_name=run_name(cfg, "all_in_one"), fresh=fresh, on_new=new_run) as (run, resume):
+        fit(job.cfg, paths, job.tasks, job.files, resume=resume)
+        results = score_folder(job.cfg, paths, paths.all_in_one_dir)
         mlflow.log_metrics({f"test/{t}/{m}": v for t, ms in results.items() for m, v in ms.items() if m != "support"})
     checkpoint.remove(resume_dir / checkpoint.LAST)  # finished: nothing left to resume
-    report = {"enabled": True, "tasks": results, "run": run.info.run_id, "cost": training_cost(folder)}
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    log.info("all_in_one: test accuracy %s", ", ".join(f"{t} {m['accuracy']:.3f}" for t, m in results.items()))
-    return report
+    return {"enabled": True, "tasks": results, "run": run.info.run_id, "cost": training_cost(paths.all_in_one_dir)}

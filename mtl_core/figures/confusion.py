@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mtl_core.evaluation.curves import grid_shape
+from mtl_core.figures.curves import grid_shape
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

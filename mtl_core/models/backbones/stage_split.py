@@ -1,4 +1,4 @@
-"""Split a backbone from `backbones.py` into sequential stages (used by cross-stitch networks).
+"""Split a backbone (`registry.py`) into sequential stages (used by cross-stitch networks).
 
 `split_stages(net, name)` returns `(stages, pool)` such that, for the stripped backbone `net`,
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from mtl_core.models.backbones import SmallConvNet, is_instance_of
+from mtl_core.models.backbones.small_cnn import SmallConvNet
+from mtl_core.models.backbones.stems import is_instance_of
 
 
 def _groups(children: list[nn.Module], num_groups: int) -> list[nn.Module]:

@@ -1,0 +1,52 @@
+"""A trained model scored on the test split: per-task metrics, confusion matrices, probabilities.
+
+What the evaluate stage reports for the multi-task model, and what the baselines and all_in_one stages
+report for their models, computed the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mtl_core.config import PipelineConfig
+from mtl_core.data.dataset import CachedMultiTaskDataset
+from mtl_core.evaluation.metrics import task_metrics
+from mtl_core.inference import predict_loader
+from mtl_core.models import MultiTaskModel
+from mtl_core.models.io import load_model
+from mtl_core.paths import SPEC_FILE, WEIGHTS_FILE, ProjectPaths
+from mtl_core.runtime import select_device
+from mtl_core.tasks import MISSING_LABEL
+from mtl_core.transforms import eval_transform
+
+
+def make_test_loader(cfg: PipelineConfig, paths: ProjectPaths, label_columns: list[int] | None = None) -> DataLoader:
+    dataset = CachedMultiTaskDataset(
+        paths.images_cache("test"), paths.labels_cache("test"), eval_transform(cfg.preprocess), None, label_columns
+    )
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=0)
+
+
+def score(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: bool):
+    """Per-task metrics (with `support`, the labelled count), confusion matrices, probabilities, targets."""
+    probs, targets = predict_loader(model, loader, device, amp)
+    per_task: dict[str, dict[str, float]] = {}
+    confusions: dict[str, np.ndarray] = {}
+    for k, task in enumerate(model.task_names):
+        values, confusions[task] = task_metrics(probs[task], targets[:, k])
+        values["support"] = int((targets[:, k] != MISSING_LABEL).sum())
+        per_task[task] = values
+    return per_task, confusions, probs, targets
+
+
+def score_folder(cfg: PipelineConfig, paths: ProjectPaths, folder: Path, label_columns: list[int] | None = None) -> dict[str, dict[str, float]]:
+    """Per-task test metrics of the model trained into `folder` (its best weights), on label columns
+    `label_columns` of the test cache."""
+    device = select_device(cfg.train.device)
+    model, _ = load_model(folder / SPEC_FILE, folder / WEIGHTS_FILE, device)
+    per_task, *_ = score(model, make_test_loader(cfg, paths, label_columns), device, cfg.train.amp)
+    return per_task

@@ -1,0 +1,101 @@
+"""The MLflow Model Registry side of registering: the pyfunc model logged to its run, the version that a
+run already registered, the current champion.
+
+Registration is idempotent per run: one MLflow run holds one trained model, so a rerun for the same run
+(the stage killed after `register_model`, or `dvc repro` rerunning it) finds that run's version with the
+same weights (by run id and the `mtl.weights_sha256` tag) and finishes it instead of creating another,
+and reuses the run's logged pyfunc model instead of logging it again.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.entities import LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.tracking import MlflowClient
+
+import mtl_core
+from mtl_core.paths import ProjectPaths
+from mtl_core.registry import CHAMPION
+from mtl_core.registry.predictor import MultiTaskPredictor
+
+SCORE_TAG = "mean_test_accuracy"
+WEIGHTS_TAG = "mtl.weights_sha256"
+GATE_TAG = "mtl.champion_gate"  # "passed" or "refused"
+GATE_FAILURES_TAG = "mtl.gate_failures"  # comma-separated failed checks
+GATE_REASON_TAG = "mtl.gate_reason"
+LOGGED_MODEL_NAME = "model"
+MAX_TAG_VALUE = 5000  # MLflow's limit on a model version tag value
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+# What the served model imports; pinned to the versions that trained it.
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "safetensors", "albumentations", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
+
+
+def _pip_requirements() -> list[str]:
+    reqs = []
+    for name in SERVING_PACKAGES:
+        try:
+            version = importlib.metadata.version(name).split("+")[0]
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        reqs.append(f"{name}=={version}")
+    return reqs
+
+
+def current_champion(client: MlflowClient, name: str) -> tuple[str | None, float | None]:
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    if SCORE_TAG in champ.tags:
+        return str(champ.version), float(champ.tags[SCORE_TAG])
+    metrics = client.get_run(champ.run_id).data.metrics if champ.run_id else {}
+    return str(champ.version), metrics.get("test/mean/accuracy")
+
+
+def version_of_run(client: MlflowClient, name: str, run_id: str, weights_sha: str) -> str | None:
+    """This run's registered version of these weights, when an earlier attempt created one."""
+    try:
+        versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None
+    same = [int(v.version) for v in versions if v.tags.get(WEIGHTS_TAG) == weights_sha]
+    return str(max(same)) if same else None
+
+
+def logged_model_of_run(run: mlflow.ActiveRun, weights_sha: str) -> str | None:
+    """The URI of this run's completely logged pyfunc model of these weights, if there is one."""
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{LOGGED_MODEL_NAME}'",
+        output_format="list",
+    )
+    ready = [m for m in models if m.status == LoggedModelStatus.READY and m.tags.get(WEIGHTS_TAG) == weights_sha]
+    return max(ready, key=lambda m: m.creation_timestamp).model_uri if ready else None
+
+
+def log_model(paths: ProjectPaths, weights_sha: str) -> str:
+    """Log the pyfunc. Its signature has outputs only: an input schema of uint8 tensors makes MLflow's
+    scoring server cast a JSON request to uint8 before the model sees it (a float image in [0, 1] became
+    zeros, answered with HTTP 200), so the model checks dtype, range and channels itself
+    (`predictor.as_image_batch`); the input example shows the format."""
+    predictor = MultiTaskPredictor(paths.model_spec, paths.weights)
+    example = np.load(paths.images_cache("test"), mmap_mode="r")[:2].copy()
+    signature = ModelSignature(outputs=infer_signature(example, predictor.predict_images(example)).outputs)
+    info = mlflow.pyfunc.log_model(
+        name=LOGGED_MODEL_NAME,
+        python_model=str(PYFUNC_CODE),
+        artifacts={"spec": str(paths.model_spec), "weights": str(paths.weights)},
+        code_paths=[str(Path(mtl_core.__file__).parent)],
+        signature=signature,
+        input_example=example,
+        pip_requirements=_pip_requirements(),
+        metadata={"tasks": predictor.spec["tasks"], "image_size": predictor.spec["image_size"]},
+        tags={WEIGHTS_TAG: weights_sha},
+    )
+    return info.model_uri

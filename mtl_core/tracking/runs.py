@@ -1,0 +1,143 @@
+"""The MLflow run of a model: its name and tags, what a new run records once, and reopening it.
+
+One trained model has one MLflow run. `train` opens it and writes its id next to the model
+(`models/mlflow_run.json`); `evaluate`, `register` and `compare` reopen that run (`model_run`), so when
+DVC skips a cached stage, the later stages still log into the run of the model they actually handle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mtl_core.config import flatten
+from mtl_core.hashing import dvc_locked_md5
+from mtl_core.paths import ProjectPaths
+from mtl_core.tracking.store import setup_mlflow
+
+if TYPE_CHECKING:
+    import mlflow
+
+    from mtl_core.config import PipelineConfig
+
+
+def experiment_tags(cfg: PipelineConfig) -> dict[str, str]:
+    """The method of a run as tags (`mtl.weighting`, `mtl.arch`, `mtl.backbone`), and the DVC experiment
+    it belongs to when there is one: `dvc.exp_name` and `dvc.exp_baseline_rev` (the commit the experiment
+    started from), from the `$DVC_EXP_NAME` and `$DVC_EXP_BASELINE_REV` that `dvc exp run` sets."""
+    tags = {"mtl.weighting": cfg.train.weighting, "mtl.arch": cfg.model.arch, "mtl.backbone": cfg.model.backbone}
+    for tag, var in (("dvc.exp_name", "DVC_EXP_NAME"), ("dvc.exp_baseline_rev", "DVC_EXP_BASELINE_REV")):
+        if value := os.environ.get(var):
+            tags[tag] = value
+    return tags
+
+
+def run_name(cfg: PipelineConfig, kind: str = "mtl", task: str | None = None) -> str:
+    """A run's name in the MLflow UI: what it trained, short enough for the runs table's name column.
+
+    * `mtl`: the multi-task model, `mtl-<weighting>-<backbone>` (`mtl-famo-resnet18`), with the architecture
+      when it is not hard sharing (`mtl-famo-mmoe-resnet18`) and `-groups` for a grouped model;
+    * `stl`: the single-task baseline of `task`, `stl-<task>-<backbone>` (`stl-shape-resnet18`);
+    * `all_in_one`: the ungrouped multi-task reference of a grouped model, `mtl-...-all-in-one`.
+    """
+    arch = "" if cfg.model.arch == "hard_sharing" else f"-{cfg.model.arch}"
+    method = f"mtl-{cfg.train.weighting}{arch}-{cfg.model.backbone}"
+    if kind == "mtl":
+        return method + ("-groups" if cfg.model.task_groups else "")
+    if kind == "stl":
+        if not task:
+            raise ValueError("a single-task run name needs its task")
+        return f"stl-{task}-{cfg.model.backbone}"
+    if kind == "all_in_one":
+        return f"{method}-all-in-one"
+    raise ValueError(f"unknown run kind {kind!r}: expected mtl, stl or all_in_one")
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def ingested_data_hash(root: Path) -> dict[str, str]:
+    """The DVC hash of the ingested manifest as recorded in dvc.lock, plus its content hash.
+
+    The DVC hash ties the run to `dvc.lock`; the manifest hash also works when a stage runs outside DVC.
+    """
+    paths = ProjectPaths(root)
+    tags: dict[str, str] = {}
+    if paths.manifest.is_file():
+        tags["data.manifest_sha256"] = hashlib.sha256(paths.manifest.read_bytes()).hexdigest()
+    if (md5 := dvc_locked_md5(root, "ingest", "data/ingested/manifest.csv")) is not None:
+        tags["dvc.data_md5"] = md5
+    return tags
+
+
+def write_run_info(paths: ProjectPaths, run_id: str, experiment_id: str) -> None:
+    paths.run_info.write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id}, indent=2) + "\n")
+
+
+def read_run_info(paths: ProjectPaths) -> dict[str, str]:
+    if not paths.run_info.is_file():
+        raise FileNotFoundError(f"{paths.run_info}: no MLflow run recorded for this model; run the train stage first")
+    return json.loads(paths.run_info.read_text())
+
+
+@contextmanager
+def model_run(cfg: PipelineConfig, root: Path) -> Iterator[mlflow.ActiveRun]:
+    """Reopen the MLflow run of the model in `models/`."""
+    import mlflow
+
+    setup_mlflow(cfg, root)
+    info = read_run_info(ProjectPaths(root))
+    with mlflow.start_run(run_id=info["run_id"]) as run:
+        yield run
+
+
+def log_config_params(cfg: PipelineConfig) -> None:
+    """Every parameter of `cfg` as an MLflow param of the active run, by its dotted name."""
+    import mlflow
+
+    params = cfg.model_dump(mode="json")
+    if isinstance(params["train"]["class_weights"], dict):  # class names need not be valid MLflow keys
+        params["train"]["class_weights"] = json.dumps(params["train"]["class_weights"])
+    mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+
+
+def record_new_run(cfg: PipelineConfig, root: Path, tags: Mapping[str, str]) -> None:
+    """What a new training run records once (a resumed one has it already): the parameters it trained
+    with, `tags` (stage, kind, ...), the ingested data's hashes and the git commit."""
+    import mlflow
+
+    log_config_params(cfg)
+    all_tags = {**tags, **ingested_data_hash(root)}
+    if commit := git_commit(root):
+        all_tags["git_commit"] = commit
+    mlflow.set_tags(all_tags)
+
+
+def log_training_data(cfg: PipelineConfig, paths: ProjectPaths) -> None:
+    """The multi-task run's inputs: the ingested manifest as an MLflow dataset, the data report and
+    params.yaml as artifacts."""
+    import mlflow
+    import pandas as pd
+
+    manifest = pd.read_csv(paths.manifest, dtype=str, keep_default_na=False)
+    with warnings.catch_warnings():  # a local path matches two equivalent MLflow source types
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(manifest, source=str(paths.manifest.resolve()), name=cfg.data.source)
+    mlflow.log_input(dataset, context="training")
+    mlflow.log_artifact(str(paths.data_report), artifact_path="data")
+    if (paths.root / "params.yaml").is_file():
+        mlflow.log_artifact(str(paths.root / "params.yaml"))
