@@ -107,6 +107,8 @@ def publish_metrics(project_dir: Path) -> list[dict[str, object]]:
                 continue
             row[f"single_task_{m}"] = round(vs["stl"], 4)
             row["relative_pct"] = round(vs["relative_pct"], 2)
+            if "verdicts" in comparison:  # significant or not: a paired bootstrap over the test images
+                row["verdict"] = comparison["verdicts"][row["task"]]["verdict"]
             row["negative_transfer"] = row["task"] in comparison["negative_transfer"]
         rows[-1]["relative_pct"] = round(comparison["delta_m_pct"][m], 2)  # Δm
     registry = json.loads((project_dir / "reports" / "registry.json").read_text())

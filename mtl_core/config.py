@@ -280,10 +280,12 @@ class ModelConfig(_Strict):
         "up to backbones.SMALL_STEM_MAX_SIZE px where the backbone has one, else imagenet.",
     )
 
-    task_groups: list[list[str]] | None = Field(
+    task_groups: Literal["auto"] | list[list[str]] | None = Field(
         None,
         description="null: one network for every task; [[a, b], [c]]: one multi-task network per group, used "
-        "as one model (mtl_core/training/groups.py, stages/train.py); every task in exactly one group (checked against the data).",
+        "as one model (mtl_core/training/groups.py, stages/train.py); every task in exactly one group (checked "
+        "against the data); auto: the grouping stage measures how the tasks help each other in a short probe "
+        "training and chooses the groups (the `grouping` section).",
     )
 
     WEIGHT_SUFFIXES: ClassVar[tuple[str, ...]] = (".safetensors", ".pth", ".pt")
@@ -324,8 +326,8 @@ class ModelConfig(_Strict):
 
     @field_validator("task_groups")
     @classmethod
-    def _groups(cls, v: list[list[str]] | None) -> list[list[str]] | None:
-        if v is None:
+    def _groups(cls, v: str | list[list[str]] | None) -> str | list[list[str]] | None:
+        if v is None or v == "auto":
             return v
         if not v or any(not g for g in v):
             raise ValueError("give one or more non-empty groups of task names, e.g. [[shape], [color, size]], or null")
@@ -334,6 +336,11 @@ class ModelConfig(_Strict):
         if twice:
             raise ValueError(f"tasks in more than one group: {twice}")
         return v
+
+    @property
+    def auto_groups(self) -> bool:
+        """Whether the grouping stage chooses the task groups (`task_groups: auto`)."""
+        return self.task_groups == "auto"
 
     def pretrained_weights(self, root: Path) -> bool | Path:
         """`pretrained`, with a weights file's path resolved against the project root (the folder of
@@ -535,6 +542,43 @@ class RegisterConfig(_Strict):
     )  # fmt: skip
 
 
+class SignificanceConfig(_Strict):
+    """The paired bootstrap behind each task's verdict (mtl_core/evaluation/significance.py)."""
+
+    resamples: Int = Field(2000, ge=100, description="Bootstrap resamples of the test images.")
+    confidence: Float = Field(
+        0.95, gt=0.5, lt=1,
+        description="Confidence of the interval of each task's difference; a task is better or worse than its "
+        "single-task model when the interval excludes 0, else 'no significant difference'.",
+    )  # fmt: skip
+    seed: Int = Field(0, ge=0, description="Seed of the resampling (the same verdicts every run).")
+
+
+SOLUTIONS = ("all_in_one", "grouped", "single_task")
+
+
+class SelectConfig(_Strict):
+    """The policy that picks the registered solution (mtl_core/evaluation/selection.py)."""
+
+    rule: Literal["trained", "fewest_networks", "best_delta_m"] = Field(
+        "fewest_networks",
+        description="trained: the train stage's model, whatever the comparison says; fewest_networks: the "
+        "candidate with the fewest networks in which no task is significantly worse than its single-task "
+        "model by more than max_task_loss_points (ties: the higher Δm); best_delta_m: the highest Δm (ties: "
+        "fewer networks). Used with compare.single_task: true (without it there is nothing to compare).",
+    )
+    max_task_loss_points: Float = Field(
+        1.0, ge=0,
+        description="fewest_networks: a task may be significantly worse than its single-task model by at most "
+        "this many points of the primary metric (compare.metrics[0], x 100).",
+    )  # fmt: skip
+    candidates: list[Literal["all_in_one", "grouped", "single_task"]] = Field(
+        default_factory=lambda: list(SOLUTIONS), min_length=1,
+        description="The solutions that may be registered: all_in_one (one network), grouped (one per task "
+        "group: model.task_groups), single_task (one per task). One not measured in a run is skipped.",
+    )  # fmt: skip
+
+
 class CompareConfig(_Strict):
     """Single-task baselines (one model per task, same backbone, budget and data) and the gain Δm."""
 
@@ -558,6 +602,34 @@ class CompareConfig(_Strict):
         "negative transfer. Default balanced accuracy: a head that always answers the majority class scores "
         "chance (1/C) on it, where its accuracy is the majority rate (0.99 on a 1 %-positive attribute). "
         "auroc and average_precision exist for two-class tasks only and are compared over those.",
+    )  # fmt: skip
+    significance: SignificanceConfig = Field(
+        default_factory=lambda: SignificanceConfig(),
+        description="How each task's difference to its single-task model is tested (a paired bootstrap over "
+        "the test images).",
+    )
+    select: SelectConfig = Field(
+        default_factory=lambda: SelectConfig(),
+        description="Which solution the register stage registers, among those compare measured.",
+    )
+
+
+class GroupingConfig(_Strict):
+    """The grouping stage of `model.task_groups: auto` (stages/grouping.py): a short probe training of the
+    all-in-one network that measures how the tasks help each other, and the grouping it chooses."""
+
+    signal: Literal["lookahead", "cosine"] = Field(
+        "lookahead",
+        description="The affinity that chooses the groups: lookahead (Fifty et al. 2021: the relative change "
+        "of task t's loss after a step on task s alone; K extra forward passes per measured step) or cosine "
+        "(the cosine of the task gradients on the shared parameters). Both are measured and reported.",
+    )
+    probe_epochs: Int = Field(1, ge=1, description="Epochs of the probe training (the train section's budget otherwise).")
+    every: Int = Field(5, ge=1, description="Measure the affinities every N steps of the probe.")
+    min_labelled_rows: Int = Field(
+        20, ge=1,
+        description="A task with fewer labelled training rows cannot be measured: the stage then keeps one "
+        "network for all tasks and says so.",
     )  # fmt: skip
 
 
@@ -611,6 +683,10 @@ with warnings.catch_warnings():
         compare: CompareConfig = Field(
             CompareConfig(),
             description="Multi-task against one single-task model per task (same backbone, budget and data).",
+        )
+        grouping: GroupingConfig = Field(
+            GroupingConfig(),
+            description="How `model.task_groups: auto` chooses the groups (the grouping stage).",
         )
         schedule: ScheduleConfig = Field(
             ScheduleConfig(), description="The Prefect deployment that retrains on a timetable."

@@ -21,6 +21,9 @@ CURVES_FILE = "training_curves.png"
 SUMMARY_FILE = "train_metrics.json"
 GRADIENT_COSINE_FILE = "task_gradient_cosine.json"
 RUN_INFO_FILE = "mlflow_run.json"
+TEST_PREDICTIONS_FILE = "test_predictions.csv"
+"""The class a model predicts for every test image (a column per task, class indices, test-cache order):
+what the compare stage pairs image by image to test each task's difference for significance."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,17 @@ class ProjectPaths:
     def tasks_file(self) -> Path:
         """Task names and class names, in label-index order."""
         return self.preprocessed_dir / "tasks.json"
+
+    # grouping
+    @property
+    def task_groups(self) -> Path:
+        """The grouping stage's decision (`model.task_groups: auto`): the groups, the signal, the scores."""
+        return self.reports_dir / "task_groups.json"
+
+    @property
+    def task_affinity(self) -> Path:
+        """The probe's measured task affinities, both signals (+ a .png heatmap of the deciding one)."""
+        return self.reports_dir / "task_affinity.json"
 
     # train
     @property
@@ -142,6 +156,11 @@ class ProjectPaths:
     @property
     def test_metrics(self) -> Path:
         return self.reports_dir / "test_metrics.json"
+
+    @property
+    def test_predictions(self) -> Path:
+        """The multi-task model's predicted class index of every test image, per task (TEST_PREDICTIONS_FILE)."""
+        return self.reports_dir / TEST_PREDICTIONS_FILE
 
     @property
     def predictions_dir(self) -> Path:

@@ -17,15 +17,18 @@ from mtl_core.paths import ProjectPaths
 log = logging.getLogger(__name__)
 
 # stage -> "module:function"; imported on use so that `mtl ingest` does not pay for importing MLflow.
+# In dependency order (the Prefect flow runs them in this order): register comes last, since it registers
+# the solution that compare selects.
 STAGES: dict[str, str] = {
     "ingest": "mtl_core.stages.ingest:run_ingest",
     "preprocess": "mtl_core.stages.preprocess:run_preprocess",
+    "grouping": "mtl_core.stages.grouping:run_grouping",
     "train": "mtl_core.stages.train:run_train",
     "evaluate": "mtl_core.stages.evaluate:run_evaluate",
-    "register": "mtl_core.stages.register:run_register",
     "baselines": "mtl_core.stages.baselines:run_baselines",
     "all_in_one": "mtl_core.stages.all_in_one:run_all_in_one",
     "compare": "mtl_core.stages.compare:run_compare",
+    "register": "mtl_core.stages.register:run_register",
 }
 
 

@@ -63,13 +63,23 @@ def test_comparison_is_delta_m_of_the_two_metric_files(compared: Path):
         assert comparison["delta_m_pct"][m] == pytest.approx(sum(rel.values()) / len(TASKS))
         for t in TASKS:
             assert comparison["tasks"][t][m]["relative_pct"] == pytest.approx(rel[t])
-    worse = [t for t in TASKS if mtl[t]["balanced_accuracy"] < stl[t]["balanced_accuracy"]]
-    assert comparison["negative_transfer"] == worse
+    lower = [t for t in TASKS if mtl[t]["balanced_accuracy"] < stl[t]["balanced_accuracy"]]
+    assert comparison["lower_than_single_task"] == lower
+    # negative transfer: a task significantly worse than its single-task model (its interval below 0), not
+    # any task whose difference is below 0 on 36 test images
+    verdicts = comparison["verdicts"]
+    assert comparison["negative_transfer"] == [t for t in TASKS if verdicts[t]["verdict"] == "worse"]
+    for t in TASKS:
+        v = verdicts[t]
+        assert v["metric"] == "balanced_accuracy" and v["low"] <= v["difference"] <= v["high"]
+        assert v["difference"] == pytest.approx(mtl[t]["balanced_accuracy"] - stl[t]["balanced_accuracy"])
+        assert (v["verdict"] == "worse") == (v["high"] < 0) and (v["verdict"] == "better") == (v["low"] > 0)
+    assert set(comparison["negative_transfer"]) <= set(lower)
     flat = json.loads((compared / "metrics.json").read_text())  # the DVC metrics file: means only
     assert flat == {
         "delta_m": pytest.approx(comparison["delta_m_pct"]["balanced_accuracy"]),
         "delta_m_accuracy": pytest.approx(comparison["delta_m_pct"]["accuracy"]),
-        "negative_transfer_tasks": len(worse),
+        "negative_transfer_tasks": len(comparison["negative_transfer"]),
         "mean_mtl_balanced_accuracy": pytest.approx(sum(mtl[t]["balanced_accuracy"] for t in TASKS) / len(TASKS)),
         "mean_mtl_accuracy": pytest.approx(sum(mtl[t]["accuracy"] for t in TASKS) / len(TASKS)),
     }
@@ -148,7 +158,7 @@ def test_disabled_comparison_trains_nothing(tmp_path: Path, compared: Path):
 DISABLED_STAGES = """
 import sys
 from mtl_core.pipeline import run_stage
-for stage in ("baselines", "all_in_one"):
+for stage in ("grouping", "baselines", "all_in_one"):
     assert run_stage(stage, root=sys.argv[1])["enabled"] is False
 print(sorted(m for m in ("mlflow", "torchmetrics", "torch._dynamo", "mtl_core.training.engine") if m in sys.modules))
 """

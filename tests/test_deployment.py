@@ -276,8 +276,8 @@ def test_a_worker_of_a_process_pool_runs_the_prefect_yaml_deployment(served: dic
     assert "Stage 'train' didn't change, skipping" in messages, messages[:80]
     states = {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in _task_runs(url, run["id"])}
     assert states.pop("register") == "Completed" and states.pop("publish-metrics") == "Completed", states
-    assert set(states.values()) == {"Skipped"} and len(states) == 7, states
-    assert "stages run: register; skipped by DVC (up to date): ingest, preprocess, train, evaluate, baselines, all_in_one, compare" in messages
+    assert set(states.values()) == {"Skipped"} and len(states) == 8, states
+    assert "stages run: register; skipped by DVC (up to date): ingest, preprocess, grouping, train, evaluate, baselines, all_in_one, compare" in messages
 
 
 # A stage that holds until the test has read its first line back from the server: with output logged

@@ -12,7 +12,6 @@ computes (so editing a weighting method does not rerun ingest)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest

@@ -48,7 +48,7 @@ def test_every_stage_output_exists(repro: Path):
     ]:  # fmt: skip
         assert (repro / rel).is_file(), rel
     lock = yaml.safe_load((repro / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "preprocess", "train", "evaluate", "register", "baselines", "all_in_one", "compare"}
+    assert set(lock["stages"]) == {"ingest", "preprocess", "grouping", "train", "evaluate", "register", "baselines", "all_in_one", "compare"}
 
 
 def test_repro_again_is_up_to_date(repro: Path):
@@ -82,12 +82,12 @@ def test_dvc_metrics_show_reads_the_means_and_delta_m_and_the_per_task_files_whe
     assert files["reports/comparison.json"]["data"]["delta_m_pct"] == pytest.approx(written["delta_m_pct"])
 
 
-# What `dvc plots show` draws, each once: the two training charts (train_history.csv) and four images,
+# What `dvc plots show` draws, each once: the two training charts (train_history.csv) and five images,
 # the confusion matrices of all tasks one of them (reports/confusion_grid.png), whatever the task count.
 PLOTS = {
     "Mean accuracy per epoch": "vega", "Mean loss per epoch": "vega",
     "reports/confusion_grid.png": "image", "reports/training_curves.png": "image", "reports/task_gradient_cosine.png": "image",
-    "reports/task_error_correlation.png": "image",
+    "reports/task_error_correlation.png": "image", "reports/task_affinity.png": "image",
 }  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from mtl_core.cli import main
 from mtl_core.config import PreprocessConfig, load_config
 from mtl_core.paths import ProjectPaths
-from mtl_core.registry import image_files, model_source, prediction
+from mtl_core.registry import image_files, model_source
 from mtl_core.registry.predictor import ImageInputError, MultiTaskPredictor, as_image_batch, normalize_lut, resize_rgb
 from mtl_core.stages.register import run_register
 from mtl_core.transforms import eval_transform

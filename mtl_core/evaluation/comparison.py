@@ -83,6 +83,7 @@ def comparison_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
             f"mtl_{m}": round(v[m]["mtl"], 4),
             f"stl_{m}": round(v[m]["stl"], 4),
             "relative_pct": round(v[m]["relative_pct"], 2),
+            **({"verdict": table["verdicts"][t]["verdict"]} if "verdicts" in table else {}),
             "negative_transfer": t in table["negative_transfer"],
         }
         for t, v in table["tasks"].items() if m in v

@@ -21,16 +21,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import torch
-from torchmetrics.classification import (
-    BinaryAUROC,
-    BinaryAveragePrecision,
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 from mtl_core.tasks import MISSING_LABEL
 
@@ -43,6 +33,17 @@ BINARY_METRICS = ("auroc", "average_precision")  # two-class tasks with both cla
 def task_metrics(probs: np.ndarray, targets: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     """The metrics of METRICS that the task has (see the module docstring) and the confusion matrix
     (rows: true, cols: predicted), over the samples whose target is not MISSING_LABEL."""
+    import torch  # torchmetrics (and torchvision through it) costs seconds: only where metrics are computed
+    from torchmetrics.classification import (
+        BinaryAUROC,
+        BinaryAveragePrecision,
+        MulticlassAccuracy,
+        MulticlassConfusionMatrix,
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
     n = probs.shape[1]
     p, y = torch.from_numpy(probs), torch.from_numpy(targets).long()
     kw = {"num_classes": n, "ignore_index": MISSING_LABEL}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
@@ -18,7 +19,7 @@ from mtl_core.evaluation.metrics import task_metrics
 from mtl_core.inference import predict_loader
 from mtl_core.models import MultiTaskModel
 from mtl_core.models.io import load_model
-from mtl_core.paths import SPEC_FILE, WEIGHTS_FILE, ProjectPaths
+from mtl_core.paths import SPEC_FILE, TEST_PREDICTIONS_FILE, WEIGHTS_FILE, ProjectPaths
 from mtl_core.runtime import select_device
 from mtl_core.tasks import MISSING_LABEL
 from mtl_core.transforms import eval_transform
@@ -43,10 +44,26 @@ def score(model: MultiTaskModel, loader: DataLoader, device: torch.device, amp: 
     return per_task, confusions, probs, targets
 
 
+def write_test_predictions(path: Path, probs: dict[str, np.ndarray]) -> None:
+    """The predicted class index of every test image, a column per task (paths.TEST_PREDICTIONS_FILE)."""
+    pd.DataFrame({t: p.argmax(1) for t, p in probs.items()}).to_csv(path, index=False)
+
+
+def read_test_predictions(path: Path, tasks: list[str]) -> np.ndarray:
+    """(N, len(tasks)) predicted class indices from `write_test_predictions`'s file; a ValueError naming the
+    file when it lacks a task."""
+    frame = pd.read_csv(path)
+    missing = [t for t in tasks if t not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: no predictions for task(s) {', '.join(missing)}; rerun the stage that wrote it")
+    return frame[tasks].to_numpy(dtype=np.int64)
+
+
 def score_folder(cfg: PipelineConfig, paths: ProjectPaths, folder: Path, label_columns: list[int] | None = None) -> dict[str, dict[str, float]]:
     """Per-task test metrics of the model trained into `folder` (its best weights), on label columns
-    `label_columns` of the test cache."""
+    `label_columns` of the test cache; its per-image predictions go to `folder`/test_predictions.csv."""
     device = select_device(cfg.train.device)
     model, _ = load_model(folder / SPEC_FILE, folder / WEIGHTS_FILE, device)
-    per_task, *_ = score(model, make_test_loader(cfg, paths, label_columns), device, cfg.train.amp)
+    per_task, _, probs, _ = score(model, make_test_loader(cfg, paths, label_columns), device, cfg.train.amp)
+    write_test_predictions(folder / TEST_PREDICTIONS_FILE, probs)
     return per_task

@@ -61,14 +61,17 @@ def markdown(table: dict[str, dict[str, Any]], tasks: Sequence[str], metric: str
         lines += ["| " + " | ".join([t, *[value(row, t) for row in table.values()]]) + " |" for t in tasks]
         for label, cell in (
             ("networks", lambda r: str(len(r["groups"]))), ("Δm %", lambda r: f"{r['delta_m_pct']:+.2f}"),
+            ("significantly worse", lambda r: str(len(r.get("worse_tasks", [])))),
             ("train s", lambda r: f"{r['train_seconds']:.0f}"), ("parameters", lambda r: f"{r['parameters'] / 1e6:.2f} M"),
         ):  # fmt: skip
             lines.append("| " + " | ".join([f"**{label}**", *[cell(r) for r in table.values()]]) + " |")
         return "\n".join(lines)
-    cols = ["solution", "networks", *tasks, "Δm %", "train s", "parameters"]
+    judged = any("worse_tasks" in row for row in table.values())
+    cols = ["solution", "networks", *tasks, "Δm %", *(["significantly worse"] if judged else []), "train s", "parameters"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for name, row in zip(names, table.values()):
-        cells = [name, str(len(row["groups"])), *[value(row, t) for t in tasks],
-                 f"{row['delta_m_pct']:+.2f}", f"{row['train_seconds']:.0f}", f"{row['parameters'] / 1e6:.2f} M"]  # fmt: skip
+        worse = [", ".join(row.get("worse_tasks", [])) or "none"] if judged else []
+        cells = [name, str(len(row["groups"])), *[value(row, t) for t in tasks], f"{row['delta_m_pct']:+.2f}", *worse,
+                 f"{row['train_seconds']:.0f}", f"{row['parameters'] / 1e6:.2f} M"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

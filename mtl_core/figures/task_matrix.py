@@ -49,19 +49,20 @@ def cluster_order(matrix: np.ndarray) -> np.ndarray:
 
 def task_matrix_figure(
     matrix: np.ndarray, task_names: Sequence[str], title: str, na_note: str | Sequence[str] | None = None,
-    cluster: bool = True,
+    cluster: bool = True, scale: float = 1.0,
 ) -> Figure:
     """Heatmap of a K x K task matrix in [-1, 1], the tasks in `cluster_order` (related tasks as blocks;
     `cluster=False`: as given). A NaN cell is grey and reads "n/a", and the figure says why below the
     matrix: `na_note` (a line, or one line per cause), else that the pair has no value.
 
     Readable at K = 40: the matrix side is capped at MAX_MATRIX_INCHES, labels shrink with the cells, and
-    above ANNOTATE_MAX_TASKS tasks the cells carry no numbers."""
+    above ANNOTATE_MAX_TASKS tasks the cells carry no numbers. `scale`: the colour range is ±scale (an
+    affinity that is not a cosine or a correlation, e.g. the lookahead affinity, has its own)."""
     import matplotlib
     from matplotlib.figure import Figure
 
     k = len(task_names)
-    order = cluster_order(matrix) if cluster else np.arange(k)
+    order = cluster_order(np.asarray(matrix, dtype=float) / scale) if cluster else np.arange(k)
     matrix = np.asarray(matrix, dtype=float)[np.ix_(order, order)]
     names = [task_names[i] for i in order]
     annotate = k <= ANNOTATE_MAX_TASKS
@@ -81,7 +82,7 @@ def task_matrix_figure(
     fig = Figure(figsize=(max(cell * k + 1.5 + label_room, 5.5 if notes else 0.0), height))
     ax = fig.subplots()
     cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="0.85")  # n/a in grey: white is a correlation of 0
-    im = ax.imshow(matrix, cmap=cmap, vmin=-1, vmax=1)
+    im = ax.imshow(matrix, cmap=cmap, vmin=-scale, vmax=scale)
     ax.set(xticks=range(k), yticks=range(k))
     ax.set_xticklabels(names, fontsize=label_size, rotation=45 if annotate else 90, ha="right" if annotate else "center")
     ax.set_yticklabels(names, fontsize=label_size)
@@ -97,7 +98,17 @@ def task_matrix_figure(
 
 
 def plot_task_matrix(
-    matrix: np.ndarray, task_names: Sequence[str], title: str, out: Path, na_note: str | Sequence[str] | None = None
+    matrix: np.ndarray, task_names: Sequence[str], title: str, out: Path, na_note: str | Sequence[str] | None = None,
+    scale: float = 1.0,
 ) -> None:
     """`task_matrix_figure`, saved as a PNG."""
-    task_matrix_figure(matrix, task_names, title, na_note).savefig(out, dpi=100)
+    task_matrix_figure(matrix, task_names, title, na_note, scale=scale).savefig(out, dpi=100)
+
+
+def symmetric_scale(matrix: np.ndarray) -> float:
+    """A colour range for an affinity of its own units: the largest absolute finite value off the
+    diagonal (1.0 when there is none)."""
+    a = np.asarray(matrix, dtype=float)
+    off = np.abs(a[~np.eye(a.shape[0], dtype=bool)])
+    off = off[np.isfinite(off)]
+    return float(off.max()) if off.size and off.max() > 0 else 1.0

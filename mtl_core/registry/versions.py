@@ -20,7 +20,6 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
 
 import mtl_core
-from mtl_core.paths import ProjectPaths
 from mtl_core.registry import CHAMPION
 from mtl_core.registry.predictor import MultiTaskPredictor
 
@@ -79,18 +78,19 @@ def logged_model_of_run(run: mlflow.ActiveRun, weights_sha: str) -> str | None:
     return max(ready, key=lambda m: m.creation_timestamp).model_uri if ready else None
 
 
-def log_model(paths: ProjectPaths, weights_sha: str) -> str:
+def log_model(spec: Path, weights: Path, example_images: Path, weights_sha: str) -> str:
     """Log the pyfunc. Its signature has outputs only: an input schema of uint8 tensors makes MLflow's
     scoring server cast a JSON request to uint8 before the model sees it (a float image in [0, 1] became
     zeros, answered with HTTP 200), so the model checks dtype, range and channels itself
-    (`predictor.as_image_batch`); the input example shows the format."""
-    predictor = MultiTaskPredictor(paths.model_spec, paths.weights)
-    example = np.load(paths.images_cache("test"), mmap_mode="r")[:2].copy()
+    (`predictor.as_image_batch`); the input example (the first two images of `example_images`, a uint8
+    image cache) shows the format."""
+    predictor = MultiTaskPredictor(spec, weights)
+    example = np.load(example_images, mmap_mode="r")[:2].copy()
     signature = ModelSignature(outputs=infer_signature(example, predictor.predict_images(example)).outputs)
     info = mlflow.pyfunc.log_model(
         name=LOGGED_MODEL_NAME,
         python_model=str(PYFUNC_CODE),
-        artifacts={"spec": str(paths.model_spec), "weights": str(paths.weights)},
+        artifacts={"spec": str(spec), "weights": str(weights)},
         code_paths=[str(Path(mtl_core.__file__).parent)],
         signature=signature,
         input_example=example,

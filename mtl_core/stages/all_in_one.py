@@ -20,6 +20,7 @@ from mtl_core.config import PipelineConfig
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.training import checkpoint
+from mtl_core.training.groups import resolve_task_groups
 from mtl_core.training.model_files import ModelFiles
 from mtl_core.training.plan import FitJob
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def disabled_reason(cfg: PipelineConfig) -> str | None:
+    """Why the stage trains nothing (`cfg` with `task_groups: auto` resolved), None when it trains."""
     if not cfg.model.task_groups:
         return "model.task_groups is not set: the train stage's model is the all-in-one model"
     if not cfg.compare.single_task:
@@ -41,6 +43,7 @@ def all_in_one_config(cfg: PipelineConfig) -> PipelineConfig:
 def plan(cfg: PipelineConfig, paths: ProjectPaths) -> list[FitJob]:
     """The all-in-one network of every task (none when the stage is disabled), resuming from
     checkpoints/all_in_one/."""
+    cfg = resolve_task_groups(cfg, paths)
     if disabled_reason(cfg) is not None:
         return []
     resume = checkpoint.checkpoints_root(paths.root) / "all_in_one" / checkpoint.LAST
@@ -55,6 +58,7 @@ def run_all_in_one(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     paths.reports_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_task_groups(cfg, paths)
     if (reason := disabled_reason(cfg)) is not None:
         report: dict[str, Any] = {"enabled": False, "reason": reason}
         out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,10 +1,15 @@
-"""Stage `compare`: per task, multi-task vs single-task metric, their relative difference and Δm.
+"""Stage `compare`: per task, multi-task vs single-task metric, their relative difference and Δm, whether
+each difference is significant, and which solution to register.
 
-Reads the test metrics of the multi-task model and of the single-task baselines, writes
-`reports/comparison.json` (the full table, per task) and `metrics.json` (flat: the means over tasks,
-Δm and the negative-transfer count; the one DVC metrics file, the columns of `dvc metrics show` and
-`dvc exp show`), and logs the table, Δm and the negative-transfer flags into
-the multi-task model's MLflow run.
+Reads the test metrics and per-image test predictions of the multi-task model, of the single-task
+baselines and, for a grouped model, of its all-in-one reference; tests every task's difference to its
+single-task model for significance (a paired bootstrap over the test images: evaluation/significance.py)
+for each solution; picks the solution the `compare.select` policy names (evaluation/selection.py),
+which the register stage registers. Writes `reports/comparison.json` (the full table per task, the
+solutions, the selection) and `metrics.json` (flat: the means over tasks, Δm and the negative-transfer
+count; the one DVC metrics file, the columns of `dvc metrics show` and `dvc exp show`), and logs them
+into the multi-task model's MLflow run. A task shows negative transfer when it is significantly worse
+than its single-task model, not when its difference is merely below zero.
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from mtl_core.config import PipelineConfig
 from mtl_core.evaluation.comparison import compare_tasks, comparison_rows, flat_metrics
+from mtl_core.evaluation.selection import reference_verdicts, select_solution, task_verdicts, verdict_metric
+from mtl_core.evaluation.significance import WORSE
 from mtl_core.evaluation.solutions import markdown, solutions_table
 from mtl_core.evaluation.task_grouping import format_groups, mean_gradient_cosine, propose_grouping
-from mtl_core.paths import ProjectPaths
+from mtl_core.paths import TEST_PREDICTIONS_FILE, ProjectPaths
 from mtl_core.tracking.runs import model_run
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,45 @@ def _solutions(paths: ProjectPaths, test_metrics: dict[str, Any], baselines: dic
     return out
 
 
+def _read_predictions(path: Path, tasks: list[str]) -> np.ndarray:
+    frame = pd.read_csv(path)
+    missing = [t for t in tasks if t not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: no test predictions of task(s) {', '.join(missing)}; rerun the stage that wrote it")
+    return frame[tasks].to_numpy(dtype=np.int64)
+
+
+def _solution_predictions(paths: ProjectPaths, tasks: list[str], names: list[str], grouped: bool) -> dict[str, np.ndarray]:
+    """(N, K) predicted classes of every test image, per solution: the trained model's (evaluate), the
+    all-in-one reference's (all_in_one) and the single-task models' side by side (baselines)."""
+    trained = _read_predictions(paths.test_predictions, tasks)
+    out = {"single_task": np.stack([_read_predictions(paths.single_task_dir / t / TEST_PREDICTIONS_FILE, [t])[:, 0] for t in tasks], 1)}
+    if grouped:
+        out["grouped"] = trained
+        if "all_in_one" in names:
+            out["all_in_one"] = _read_predictions(paths.all_in_one_dir / TEST_PREDICTIONS_FILE, tasks)
+    else:
+        out["all_in_one"] = trained
+    return out
+
+
+def judge_solutions(
+    cfg: PipelineConfig, paths: ProjectPaths, solutions: dict[str, dict[str, Any]], tasks: list[str], single: dict[str, Any],
+) -> str:  # fmt: skip
+    """Give every solution row its per-task verdicts against the single-task models; return the metric."""
+    metric = verdict_metric(cfg.compare.metrics[0])
+    sig = cfg.compare.significance
+    targets = np.load(paths.labels_cache("test"))
+    predictions = _solution_predictions(paths, tasks, list(solutions), "grouped" in solutions)
+    for name, row in solutions.items():
+        if name == "single_task":
+            row["verdicts"] = reference_verdicts(tasks, single, metric)
+        else:
+            row["verdicts"] = task_verdicts(targets, tasks, predictions[name], predictions["single_task"], metric, sig.resamples, sig.confidence, sig.seed)
+        row["worse_tasks"] = [t for t, v in row["verdicts"].items() if v["verdict"] == WORSE]
+    return metric
+
+
 def suggest_grouping(paths: ProjectPaths) -> dict[str, Any] | None:
     """The grouping the train stage's task-gradient cosines suggest (task_grouping.propose_grouping);
     None when they were not measured."""
@@ -75,12 +122,21 @@ def run_compare(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
         return report
 
     mtl = test_metrics["tasks"]
-    table = compare_tasks(
-        {t: mtl[t] for t in baselines["tasks"]}, baselines["tasks"], list(cfg.compare.metrics)
-    )
+    tasks = list(baselines["tasks"])
+    table = compare_tasks({t: mtl[t] for t in tasks}, baselines["tasks"], list(cfg.compare.metrics))
     solutions = solutions_table(_solutions(paths, test_metrics, baselines), baselines["tasks"], primary)
+    metric = judge_solutions(cfg, paths, solutions, tasks, baselines["tasks"])
+    trained = "grouped" if "grouped" in solutions else "all_in_one"
+    # the trained model's verdicts: negative transfer is a significant loss, not a sign
+    table["verdicts"] = solutions[trained]["verdicts"]
+    table["lower_than_single_task"] = table["negative_transfer"]
+    table["negative_transfer"] = solutions[trained]["worse_tasks"]
+    table["verdict_metric"] = metric
+    select = cfg.compare.select
+    selection = select_solution(solutions, select.rule, select.max_task_loss_points, select.candidates, trained)
+    selection.update({"groups": solutions[selection["solution"]]["groups"], "trained": trained, "verdict_metric": metric})
     suggestion = suggest_grouping(paths) if table["negative_transfer"] else None
-    report = {"enabled": True, **table, "solutions": solutions, "suggested_task_groups": suggestion}
+    report = {"enabled": True, **table, "solutions": solutions, "selection": selection, "suggested_task_groups": suggestion}
     paths.comparison.write_text(json.dumps(report, indent=2) + "\n")
     flat = flat_metrics(test_metrics, list(cfg.compare.metrics), table)
     comparison_metrics_path(paths).write_text(json.dumps(flat, indent=2) + "\n")
@@ -88,7 +144,12 @@ def run_compare(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     for m, value in table["delta_m_pct"].items():
         log.info("Δm (%s) = %+.2f %%", m, value)
     for t in table["negative_transfer"]:
-        log.warning("negative transfer on task %r: multi-task %s below its single-task baseline", t, table["primary_metric"])
+        v = table["verdicts"][t]
+        log.warning(
+            "negative transfer on task %r: multi-task %s significantly below its single-task baseline (%+.1f points, "
+            "%.0f %% interval %+.1f to %+.1f)", t, metric, 100 * v["difference"], 100 * v["confidence"], 100 * v["low"], 100 * v["high"],
+        )  # fmt: skip
+    log.info("selection (compare.select.rule %s): %s", selection["rule"], selection["reason"])
     solutions_md = markdown(solutions, list(baselines["tasks"]), primary)
     log.info("solutions (%s on the test split, Δm against single-task):\n%s", primary, solutions_md)
     if suggestion is not None:
@@ -111,6 +172,7 @@ def run_compare(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
         mlflow.log_table(pd.DataFrame(rows), artifact_file="compare/comparison_table.json")
         mlflow.log_artifact(str(paths.comparison), artifact_path="compare")
         mlflow.set_tag("mtl.negative_transfer", ",".join(table["negative_transfer"]) or "none")
+        mlflow.set_tags({"mtl.selected_solution": selection["solution"], "mtl.selection_reason": selection["reason"][:5000]})
         mlflow.log_text(solutions_md + "\n", "compare/solutions.md")
         for name, row in solutions.items():
             mlflow.log_metrics({f"compare/{name}/delta_m_pct": row["delta_m_pct"], f"compare/{name}/train_seconds": row["train_seconds"],

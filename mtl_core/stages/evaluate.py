@@ -21,7 +21,7 @@ import pandas as pd
 
 from mtl_core.config import PipelineConfig
 from mtl_core.evaluation.metrics import mean_over_tasks
-from mtl_core.evaluation.scoring import make_test_loader, score
+from mtl_core.evaluation.scoring import make_test_loader, score, write_test_predictions
 from mtl_core.evaluation.task_relations import error_correlation, error_correlation_gaps
 from mtl_core.figures.confusion import plot_confusion, plot_confusion_grid
 from mtl_core.figures.task_matrix import plot_task_matrix
@@ -59,6 +59,7 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
         ).to_csv(paths.predictions_dir / f"{task}.csv", index=False)
         plot_confusion(confusions[task], list(classes), task, paths.confusion_dir / f"{task}.png")
     plot_confusion_grid(confusions, {t: spec["tasks"][t] for t in model.task_names}, paths.confusion_grid)
+    write_test_predictions(paths.test_predictions, probs)
 
     errors = error_correlation(probs, targets, model.task_names)
     correlation = [[None if np.isnan(v) else v for v in row] for row in errors.tolist()]  # JSON has no NaN

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from mtl_core.faults import fault_point
 from mtl_core.hashing import file_sha256
 from mtl_core.paths import ProjectPaths
 from mtl_core.registry.gate import champion_gate
+from mtl_core.registry.solutions import Solution, registered_solution
 from mtl_core.registry.versions import (
     CHAMPION, GATE_FAILURES_TAG, GATE_REASON_TAG, GATE_TAG, MAX_TAG_VALUE, SCORE_TAG, WEIGHTS_TAG, current_champion,
     log_model, logged_model_of_run, version_of_run,
@@ -56,6 +58,8 @@ class RegistryReport:
     reason: str
     gate_failures: list[str] = field(default_factory=list)  # failed gate checks; empty: the gate passed
     tasks_at_chance: list[str] = field(default_factory=list)  # no better than chance (see the module docstring)
+    solution: str = "trained"  # what was registered: the train stage's model, or the solution compare selected
+    solution_note: str = ""  # how it was chosen (compare.select), or that an automatic grouping is unverified
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -63,13 +67,21 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
+    """Register the solution compare selected (registry.solutions; without a comparison, the train
+    stage's model) as a version of `mlflow.model_name`, in the model's MLflow run."""
     paths = ProjectPaths(root)
-    metrics = json.loads(paths.test_metrics.read_text())
+    with tempfile.TemporaryDirectory(prefix="mtl-register-") as scratch:
+        return _register(cfg, paths, registered_solution(cfg, paths, Path(scratch)))
+
+
+def _register(cfg: PipelineConfig, paths: ProjectPaths, solution: Solution) -> RegistryReport:
+    root = paths.root
+    metrics = solution.metrics
     score = float(metrics["mean"]["accuracy"])
     tasks = TaskSpec.load(paths.tasks_file).names
     test_labels = np.load(paths.labels_cache("test"))
-    gate = champion_gate(paths.weights, metrics, test_labels, tasks, cfg.register.min_mean_accuracy)
-    weights_sha = file_sha256(paths.weights)
+    gate = champion_gate(solution.weights, metrics, test_labels, tasks, cfg.register.min_mean_accuracy)
+    weights_sha = file_sha256(solution.weights)
     name = cfg.mlflow.model_name
 
     with model_run(cfg, root) as run:
@@ -81,7 +93,7 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
         else:
             model_uri = logged_model_of_run(run, weights_sha)
             if model_uri is None:
-                model_uri = log_model(paths, weights_sha)
+                model_uri = log_model(solution.spec, solution.weights, paths.images_cache("test"), weights_sha)
             else:
                 log.info("register: reusing the model already logged to run %s (%s)", run_id, model_uri)
             version = str(mlflow.register_model(model_uri, name, tags={WEIGHTS_TAG: weights_sha}).version)
@@ -101,6 +113,9 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
         description = version_description(
             client.get_run(run_id).info.run_name, run_id, verdict, metrics.get("tasks", {}), metrics.get("mean", {}), majority
         )
+        if solution.note:  # how the registered solution was chosen (compare.select), or that it is unverified
+            description = f"{solution.note}\n\n{description}"
+        client.set_model_version_tag(name, version, "mtl.solution", solution.name)
         client.update_model_version(name, version, description=description[:MAX_TAG_VALUE])  # the store's limit too
 
         if prev_version == version:
@@ -143,6 +158,8 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
             reason=reason,
             gate_failures=gate.failures,
             tasks_at_chance=gate.at_chance,
+            solution=solution.name,
+            solution_note=solution.note,
         )
         paths.registry_report.write_text(json.dumps(asdict(report), indent=2) + "\n")
         mlflow.log_artifact(str(paths.registry_report), artifact_path="registry")

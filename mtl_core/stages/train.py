@@ -24,7 +24,7 @@ from mtl_core.tracking.runs import experiment_tags, log_training_data, record_ne
 from mtl_core.tracking.store import setup_mlflow
 from mtl_core.training import checkpoint
 from mtl_core.training.engine import FitResult, fit
-from mtl_core.training.groups import assemble_groups, group_folder
+from mtl_core.training.groups import assemble_groups, group_folder, resolve_task_groups
 from mtl_core.training.model_files import ModelFiles
 from mtl_core.training.plan import FitJob
 from mtl_core.training.runs import fail_orphan_runs, recorded_run_ids, training_run
@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 def plan(cfg: PipelineConfig, paths: ProjectPaths) -> list[FitJob]:
     """One model of every task, or one per group of `model.task_groups` (into models/groups/<i>/, each
-    resuming from checkpoints/train/group-<i>/); both measure the task-gradient affinities."""
+    resuming from checkpoints/train/group-<i>/; `auto`: the groups the grouping stage chose); both measure
+    the task-gradient affinities."""
+    cfg = resolve_task_groups(cfg, paths)
     tasks = TaskSpec.load(paths.tasks_file)
     if not cfg.model.task_groups:
         return [FitJob("multi-task model", cfg, tasks, None, ModelFiles.multitask(paths))]
@@ -52,6 +54,8 @@ def run_train(cfg: PipelineConfig, root: Path, fresh: bool = False) -> FitResult
     """The multi-task model, in the MLflow run that later stages reopen; a grouped model is fitted group
     by group, each in a nested run of its own (resumed from its own checkpoint), then assembled."""
     paths = ProjectPaths(root)
+    auto = cfg.model.auto_groups
+    cfg = resolve_task_groups(cfg, paths)
     tasks = TaskSpec.load(paths.tasks_file)
     paths.models_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(paths.models_dir / "groups", ignore_errors=True)  # a previous grouped solution's members
@@ -59,6 +63,8 @@ def run_train(cfg: PipelineConfig, root: Path, fresh: bool = False) -> FitResult
     exp_id = setup_mlflow(cfg, root)
     folder = checkpoint.checkpoints_root(root) / "train"
     tags = {"mtl.stage": "train", "mtl.kind": "multi_task", "mtl.device": str(select_device(cfg.train.device)), **experiment_tags(cfg)}
+    if auto:  # the groups come from the grouping stage's probe, and stay unverified until compare tests them
+        tags["mtl.task_groups_source"] = "auto"
     # named and tagged by its method, so that the runs of a sweep (`dvc exp run --queue -S
     # train.weighting=equal,famo`) line up in the MLflow UI's compare view
     fp = checkpoint.fingerprint(cfg, paths, None)

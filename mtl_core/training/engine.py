@@ -35,6 +35,7 @@ from mtl_core.training.checkpoint import Checkpointer
 from mtl_core.training.ddp import prepare_model, trainable_set, wrap
 from mtl_core.training.gradient_cosine import GradientCosineTracker
 from mtl_core.training.loaders import make_loaders
+from mtl_core.training.lookahead_affinity import LookaheadAffinityTracker
 from mtl_core.training.loop import EpochPlan, StepSettings, train_one_epoch
 from mtl_core.training.model_files import ModelFiles, ModelOutputs, NoOutputs
 from mtl_core.training.optim import build_optimizer, build_scheduler, check_weighting, freeze_backbone
@@ -78,14 +79,19 @@ def fit(
     resume: Resume | None = None,
     batches: BatchCache | None = None,
     sink: Any = None,
+    lookahead_every: int = 0,
 ) -> FitResult:
     """Train one model on `tasks` (label columns `label_columns` of the cache): per-epoch metrics, the
     best-on-validation weights, the spec, written to `files`. With `files.resume`, a checkpoint every
     epoch and every `train.checkpoint_every_steps` steps; `resume.state` continues one exactly.
     `batches`: training batches recorded by an earlier training of the same data and schedule, replayed
     (or recorded here) instead of decoded and augmented again (training.batch_cache; one process only).
-    `sink`: where it reports (default: the active MLflow run on rank 0, nothing on the other ranks)."""
+    `sink`: where it reports (default: the active MLflow run on rank 0, nothing on the other ranks).
+    `lookahead_every`: also measure the lookahead task affinity every N steps (training.lookahead_affinity;
+    one process only), into `files.lookahead`."""
     dist = distributed()
+    if lookahead_every and dist.enabled:
+        raise ValueError("the lookahead task affinity is measured in one process (the grouping stage's probe), not under DDP")
     resume = resume or Resume(checkpoint.fingerprint(cfg, paths, label_columns))
     if dist.enabled:
         resume = Resume(resume.fingerprint, dist.broadcast_state(resume.state), resume.resumed)
@@ -95,6 +101,8 @@ def fit(
     loaders = make_loaders(cfg, paths, generator, device, label_columns, dist)
     measure = files.gradient_cosine is not None and cfg.train.task_affinity_every > 0
     t = _build(cfg, paths, tasks, loaders, device, dist, measure)
+    if lookahead_every:
+        t.state.lookahead = LookaheadAffinityTracker(tasks.names, lookahead_every)
     outputs = ModelOutputs(files, sink) if dist.is_main else NoOutputs()
     outputs.prepare()
     checkpointer = Checkpointer(files.resume, resume.fingerprint, sink.run_id, cfg.train.epochs, dist)
@@ -207,4 +215,6 @@ def _run_epoch(
     state.history.append(row)
     if state.tracker is not None and (matrix := state.tracker.epoch_average()) is not None:
         state.cosines[epoch] = matrix.tolist()
+    if state.lookahead is not None and (matrix := state.lookahead.epoch_average()) is not None:
+        state.lookaheads[epoch] = matrix.tolist()
     return row

@@ -116,3 +116,20 @@ def _merged_summary(groups: list[list[str]], summaries: list[dict[str, Any]], ta
         "task_groups": groups,
         "val": {t: val[t] for t in tasks.names},
     }
+
+
+def resolve_task_groups(cfg: PipelineConfig, paths: ProjectPaths) -> PipelineConfig:
+    """`cfg` with `model.task_groups: auto` replaced by the groups the grouping stage chose
+    (reports/task_groups.json): a list of groups, or null when it chose one network for every task.
+    Every other `cfg` is returned as it is. What a stage trains, names, fingerprints and records then
+    follows the groups actually trained."""
+    if not cfg.model.auto_groups:
+        return cfg
+    if not paths.task_groups.is_file():
+        raise FileNotFoundError(f"{paths.task_groups}: model.task_groups is auto; run the grouping stage first (dvc repro)")
+    report = json.loads(paths.task_groups.read_text())
+    groups = report.get("groups") if report.get("enabled") else None
+    if not groups:
+        raise ValueError(f"{paths.task_groups}: no groups chosen ({report.get('reason', 'disabled')}); run the grouping stage again")
+    chosen = [list(g) for g in groups] if len(groups) > 1 else None
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"task_groups": chosen})})

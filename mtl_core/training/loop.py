@@ -174,6 +174,9 @@ def _train_step(
             return False
         if tracker is not None and tracker.due(step):
             tracker.measure(losses, parts.shared, labelled, reduce=dist.mean if dist.enabled else None)
+        if plan.measure and state.lookahead is not None and state.lookahead.due(step):
+            with autocast(device, settings.amp):
+                _measure_lookahead(state, parts, loss_fn, x, y, w, denominators, losses, labelled)
         ctx = StepContext(
             shared_params=parts.shared, task_params=parts.private, shared_repr=z, step=step, epoch=plan.epoch,
             labelled=labelled, last_shared_layer=parts.last_shared, dist=dist,
@@ -198,6 +201,18 @@ def _train_step(
     progress.stats.update(losses, logits, y, weights)
     progress.images += len(x)
     return True
+
+
+def _measure_lookahead(
+    state: TrainingState, parts: _StepParts, loss_fn: TaskLoss, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+    denominators: torch.Tensor | None, losses: dict[str, torch.Tensor], labelled: torch.Tensor,
+) -> None:  # fmt: skip
+    """The lookahead affinity of this batch (training.lookahead_affinity), each shared parameter stepped
+    at its own group's current learning rate."""
+    lr = {id(p): group["lr"] for group in state.optimizer.param_groups for p in group["params"]}
+    state.lookahead.measure(
+        state.model, lambda logits: loss_fn(logits, y, w, denominators), x, losses, parts.shared, lr, labelled
+    )
 
 
 def _encode_decode(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from safetensors.torch import save_file
 
 from mtl_core.config import PipelineConfig
 from mtl_core.figures.curves import plot_training_curves
-from mtl_core.figures.task_matrix import plot_task_matrix
+from mtl_core.figures.task_matrix import plot_task_matrix, symmetric_scale
 from mtl_core.models.backbones import resolve_stem
 from mtl_core.models.io import model_spec, write_spec
 from mtl_core.paths import (
@@ -34,7 +35,8 @@ class ModelFiles:
     reports/), each single-task baseline in a folder of its own; `resume`, its resumable checkpoint,
     under checkpoints/ (outside every DVC output: see training/checkpoint.py). `checkpoint` is the final
     training state (last-epoch weights, optimizer, method state) that a finished run leaves in models/.
-    `gradient_cosine`: where the task-gradient cosines go (None: not measured)."""
+    `gradient_cosine`: where the task-gradient cosines go (None: not measured); `lookahead`: where the
+    lookahead affinities go (when `fit` measures them)."""
 
     weights: Path
     checkpoint: Path
@@ -44,6 +46,7 @@ class ModelFiles:
     summary: Path
     gradient_cosine: Path | None = None
     resume: Path | None = None
+    lookahead: Path | None = None
 
     @classmethod
     def multitask(cls, paths: ProjectPaths) -> ModelFiles:
@@ -76,18 +79,33 @@ def spec_for(
     )  # fmt: skip
 
 
-def write_gradient_cosine(out: Path, tasks: list[str], per_epoch: dict[int, list[list[float]]], every: int, sink: Any) -> None:
-    """The per-epoch task-gradient cosine matrices, plus a heatmap of their mean (both as run artifacts)."""
+def write_gradient_cosine(
+    out: Path, tasks: list[str], per_epoch: dict[int, list[list[float]]], every: int, sink: Any,
+    title: str = "task-gradient cosine similarity (mean over epochs)", unmeasured: str = "not measured (train.task_affinity_every: 0)",
+    own_scale: bool = False,
+) -> None:  # fmt: skip
+    """The per-epoch task-affinity matrices (the gradient cosines, or `title`'s), plus a heatmap of their
+    mean (both as run artifacts); `own_scale`: colours over the matrix's own range, not [-1, 1]."""
     report = {"tasks": tasks, "measured_every_steps": every, "epochs": {str(e): m for e, m in per_epoch.items()}}
     out.write_text(json.dumps(report, indent=2) + "\n")
     sink.log_artifact(out, "task_relations")
     heatmap = out.with_suffix(".png")
     if per_epoch:
-        mean = np.mean([np.asarray(m) for m in per_epoch.values()], axis=0)
-        plot_task_matrix(mean, tasks, "task-gradient cosine similarity (mean over epochs)", heatmap)
+        mean = mean_matrix(per_epoch)
+        plot_task_matrix(mean, tasks, title, heatmap, scale=symmetric_scale(mean) if own_scale else 1.0)
     else:  # still a file: it is a declared DVC plot
-        plot_task_matrix(np.full((len(tasks), len(tasks)), np.nan), tasks, "not measured (train.task_affinity_every: 0)", heatmap)
+        plot_task_matrix(np.full((len(tasks), len(tasks)), np.nan), tasks, unmeasured, heatmap)
     sink.log_artifact(heatmap, "task_relations")
+
+
+def mean_matrix(per_epoch: dict[int, list[list[float]]]) -> np.ndarray:
+    """The mean over epochs of per-epoch K x K matrices, a pair NaN only where no epoch measured it."""
+    stack = np.asarray([np.asarray(m, dtype=float) for m in per_epoch.values()])
+    if not np.isnan(stack).any():
+        return stack.mean(axis=0)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(stack, axis=0)
 
 
 class NoOutputs:
@@ -137,6 +155,11 @@ class ModelOutputs(NoOutputs):
         sink.log_artifact(files.curves, "plots")
         if files.gradient_cosine is not None:
             write_gradient_cosine(files.gradient_cosine, tasks.names, state.cosines, cfg.train.task_affinity_every, sink)
+        if files.lookahead is not None and state.lookahead is not None:
+            write_gradient_cosine(
+                files.lookahead, tasks.names, state.lookaheads, state.lookahead.every, sink,
+                "lookahead affinity Z[row -> column] (mean over epochs)", "not measured", own_scale=True,
+            )  # fmt: skip
         summary = {
             "best_epoch": state.best_epoch,
             "best_val_mean_accuracy": state.best_score,

@@ -20,6 +20,7 @@ import torch
 
 from mtl_core.models import MultiTaskModel
 from mtl_core.training.gradient_cosine import GradientCosineTracker
+from mtl_core.training.lookahead_affinity import LookaheadAffinityTracker
 from mtl_core.training.progress import EpochProgress
 from mtl_core.weighting import LossWeighting
 
@@ -63,10 +64,13 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     weighting: LossWeighting
     tracker: GradientCosineTracker | None = None
+    lookahead: LookaheadAffinityTracker | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     """One row per finished epoch: its training and validation metrics (the training history)."""
     cosines: dict[int, list[list[float]]] = field(default_factory=dict)
     """Per epoch, the mean task-gradient cosine matrix (epochs in which the tracker measured)."""
+    lookaheads: dict[int, list[list[float]]] = field(default_factory=dict)
+    """Per epoch, the mean lookahead affinity matrix (epochs in which `lookahead` measured)."""
     best_score: float = -math.inf
     best_epoch: int = 0
     best_weights: dict[str, torch.Tensor] | None = None
@@ -97,6 +101,8 @@ class TrainingState:
             "epoch": epoch, "progress": progress.state_dict() if progress is not None else None,
             "model": cpu_state(self.model), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "weighting": self.weighting.state_dict(), "tracker": self.tracker.state_dict() if self.tracker is not None else None,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
+            "lookaheads": {str(e): m for e, m in self.lookaheads.items()},
             "rng": rng_state(), "history": self.history, "cosines": {str(e): m for e, m in self.cosines.items()},
             "best": {"score": self.best_score, "epoch": self.best_epoch}, "best_weights": self.best_weights, "totals": self.totals,
         }  # fmt: skip
@@ -110,6 +116,9 @@ class TrainingState:
         self.weighting.load_state_dict(state["weighting"])
         if self.tracker is not None and state.get("tracker") is not None:
             self.tracker.load_state_dict(state["tracker"])
+        if self.lookahead is not None and state.get("lookahead") is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
+        self.lookaheads = {int(e): m for e, m in state.get("lookaheads", {}).items()}
         restore_rng(state["rng"])
         self.history, self.totals = list(state["history"]), dict(state["totals"])
         self.cosines = {int(e): m for e, m in state["cosines"].items()}
