@@ -94,8 +94,8 @@ def train_and_score(workdir: Path, label: str, single: str | None, subset: list[
     with mlflow.start_run(run_name=label):
         fit(cfg, paths, tasks, files, label_columns=columns)
     device = select_device(cfg.train.device)
-    model, _ = load_model(files.spec, files.weights, device)
-    per_task, *_ = score(model, make_test_loader(cfg, paths, columns), device, cfg.train.amp)
+    model, spec = load_model(files.spec, files.weights, device)
+    per_task, *_ = score(model, make_test_loader(cfg, paths, columns, spec), device, cfg.train.amp)
     history = pd.read_csv(files.history)
     summary = json.loads(files.summary.read_text())
     cosine = json.loads(files.gradient_cosine.read_text())

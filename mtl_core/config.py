@@ -236,14 +236,16 @@ class PreprocessConfig(_Strict):
         description="Side in pixels of the square images that preprocess resizes every image to once: "
         "the model's input size.",
     )  # fmt: skip
-    mean: tuple[Float, Float, Float] = Field(
-        (0.485, 0.456, 0.406),
-        description="Per-channel (RGB) mean subtracted from pixels scaled to [0, 1]; ImageNet's by default.",
+    mean: tuple[Float, Float, Float] | Literal["auto"] = Field(
+        "auto",
+        description="Per-channel (RGB) mean subtracted from pixels scaled to [0, 1]; auto: the one the "
+        "backbone's pretrained weights were trained with (timm's pretrained_cfg, torchvision's weights "
+        "transforms) when model.pretrained is set, else ImageNet's (0.485, 0.456, 0.406).",
     )
-    std: tuple[Float, Float, Float] = Field(
-        (0.229, 0.224, 0.225),
-        description="Per-channel (RGB) standard deviation the pixels are divided by after the mean; "
-        "ImageNet's by default.",
+    std: tuple[Float, Float, Float] | Literal["auto"] = Field(
+        "auto",
+        description="Per-channel (RGB) standard deviation the pixels are divided by after the mean; auto: "
+        "the pretrained weights' when model.pretrained is set, else ImageNet's (0.229, 0.224, 0.225).",
     )
     augment: list[AugmentStep] = Field(
         default_factory=list,
@@ -377,7 +379,19 @@ def auto_num_workers(nproc: int = 1) -> int:
     return max(0, min(8, cores // max(1, nproc) - 1))
 
 
+FINETUNE_DEFAULTS = {"backbone_lr_scale": 0.1, "freeze_backbone_epochs": 1}
+"""What `train.finetune: true` sets (over the values of these keys)."""
+
+
 class TrainConfig(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _finetune_defaults(cls, data: Any) -> Any:
+        """`finetune: true` sets FINETUNE_DEFAULTS (over what the keys say: params.yaml lists every knob)."""
+        if isinstance(data, dict) and data.get("finetune") is True:
+            return {**data, **FINETUNE_DEFAULTS}
+        return data
+
     epochs: Int = Field(
         5, ge=1,
         description="Training epochs; the weights kept are those of the epoch with the best mean validation "
@@ -429,6 +443,13 @@ class TrainConfig(_Strict):
     )  # fmt: skip
     task_affinity_every: Int = Field(
         25, ge=0, description="Measure task-gradient cosine similarity every N steps (K extra backward passes); 0: off."
+    )
+    finetune: bool = Field(
+        False,
+        description="Fine-tune pretrained weights as users expect: true sets backbone_lr_scale 0.1 (the "
+        "backbone learns at a tenth of the heads' rate) and freeze_backbone_epochs 1 (the new heads first "
+        "learn on frozen features), whatever those keys say; the one-cycle schedule warms every rate up over "
+        "the first 15 % of the steps anyway. false: those keys as given. Meant with model.pretrained.",
     )
     backbone_lr_scale: Float = Field(
         1.0, gt=0, allow_inf_nan=False,
@@ -711,10 +732,16 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(getattr(current, "model_fields", {}))
 
 
+def _key(loc: tuple[Any, ...]) -> str:
+    """The dotted key of an error location, without pydantic's tags of the members of a union
+    (`tuple[...]`, `literal['auto']`, `function-before[...]`): `preprocess.std.2`."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid parameters"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = _key(tuple(e["loc"]))
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(PipelineConfig, tuple(e["loc"][:-1]))
             lines.append(f"  unknown key '{key}'; allowed keys here: {', '.join(allowed)}")

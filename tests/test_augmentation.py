@@ -15,6 +15,7 @@ from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.runtime import seed_everything
 from mtl_core.training.loaders import make_loaders
+from mtl_core.training.normalisation import resolve_normalisation
 
 
 def with_augment(cfg, steps: list[dict]):
@@ -36,7 +37,7 @@ def test_the_train_loader_yields_uint8_that_the_loop_normalises_as_evaluation_do
     device); normalised on the device it equals the evaluation transform's tensor of the same image."""
     from mtl_core.transforms import eval_transform, normalize_on_device
 
-    cfg = with_augment(load_config(trained_project / "params.yaml"), [])
+    cfg = with_augment(resolve_normalisation(load_config(trained_project / "params.yaml")), [])
     paths = ProjectPaths(trained_project)
     x = make_loaders(cfg, paths, seed_everything(0), torch.device("cpu"))["train"].dataset[3][0]
     assert x.dtype == torch.uint8 and x.shape[0] == 3
@@ -48,7 +49,7 @@ def test_the_train_loader_yields_uint8_that_the_loop_normalises_as_evaluation_do
 def test_the_train_loader_applies_every_configured_step_in_order(trained_project: Path) -> None:
     """Three deterministic steps (p = 1): the sample equals invert, then grey, then solarise of the cached
     image, normalised; only the first step, or the evaluation transform, would give another image."""
-    cfg = load_config(trained_project / "params.yaml")
+    cfg = resolve_normalisation(load_config(trained_project / "params.yaml"))
     steps = [
         {"name": "InvertImg", "p": 1.0},
         {"name": "ToGray", "p": 1.0},
@@ -111,7 +112,7 @@ def test_the_default_augmentation_keeps_the_builtin_labels_right(trained_project
     """Position (quadrant) and colour (hue) read off the pixels of every augmented training image agree
     with the labels; the detector is first checked on images without augmentation, and shown to catch a
     horizontal flip."""
-    cfg = load_config(trained_project / "params.yaml")
+    cfg = resolve_normalisation(load_config(trained_project / "params.yaml"))
     paths = ProjectPaths(trained_project)
     assert label_agreement(with_augment(cfg, []), paths, 1) == (1.0, 1.0)
     default = load_config(Path(__file__).resolve().parents[1] / "params.yaml").preprocess.augment
@@ -144,7 +145,7 @@ def test_each_sample_draws_its_own_seeded_augmentation_whatever_the_workers(tmp_
     """Different across samples, batches and epochs; the same again for the same seed, and the same
     with 0 workers as with 2 (training.sampler: a sample's augmentation is a function of the seed, the
     epoch and the sample, which is what lets a resumed run continue exactly)."""
-    cfg = with_augment(load_config(trained_project / "params.yaml"), [{"name": "GaussNoise", "std_range": [0.1, 0.1], "p": 1.0}])
+    cfg = with_augment(resolve_normalisation(load_config(trained_project / "params.yaml")), [{"name": "GaussNoise", "std_range": [0.1, 0.1], "p": 1.0}])
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 2, "batch_size": 4})})
     paths = constant_cache(tmp_path)
     first = batches(cfg, paths, 2)  # 4 batches an epoch: workers 0, 1, 0, 1

@@ -43,7 +43,7 @@ def test_one_single_task_model_per_task_scored_on_the_test_split(compared: Path)
         assert spec["arch"] == "hard_sharing" and spec["arch_options"] == {}  # plain, whatever the MTL arch
         model, _ = load_model(folder / "model_spec.json", folder / "model.safetensors")
         assert list(model.heads) == [task]
-        per_task, *_ = score(model, make_test_loader(cfg, paths, [k]), torch.device("cpu"), amp=False)
+        per_task, *_ = score(model, make_test_loader(cfg, paths, [k], spec), torch.device("cpu"), amp=False)
         assert per_task[task]["accuracy"] == pytest.approx(report["tasks"][task]["accuracy"], abs=1e-9)
         # same budget as the multi-task model
         history = pd.read_csv(folder / "train_history.csv")

@@ -29,6 +29,7 @@ from mtl_core.pipeline import run_stage
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.tracking.runs import read_run_info
 from mtl_core.tracking.store import tracking_uri
+from mtl_core.training.normalisation import resolve_normalisation
 from mtl_core.transforms import eval_transform
 from tests.conftest import write_params
 from tests.test_ingest import make_faces
@@ -182,7 +183,7 @@ def test_preprocess_writes_missing_labels_and_weights(tmp_path: Path):
         assert weights.dtype == np.float32
         np.testing.assert_array_equal(weights, [(int(r) - 2) / 4 for r in part["row"]])
         data = CachedMultiTaskDataset(
-            paths.images_cache(s), paths.labels_cache(s), eval_transform(cfg.preprocess), paths.weights_cache(s)
+            paths.images_cache(s), paths.labels_cache(s), eval_transform(resolve_normalisation(cfg).preprocess), paths.weights_cache(s)
         )
         item = data[0]
         assert len(item) == 3 and float(item[2]) == weights[0] and item[1].tolist() == labels[0].tolist()

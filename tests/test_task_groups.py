@@ -81,8 +81,8 @@ def test_one_network_per_group_saved_as_one_model(grouped: Path):
 def test_evaluate_scores_the_grouped_solution(grouped: Path):
     paths = ProjectPaths(grouped)
     cfg = load_config(grouped / "params.yaml")
-    model, _ = load_model(paths.model_spec, paths.weights)
-    per_task, *_ = score(model, make_test_loader(cfg, paths), torch.device("cpu"), amp=False)
+    model, spec = load_model(paths.model_spec, paths.weights)
+    per_task, *_ = score(model, make_test_loader(cfg, paths, spec=spec), torch.device("cpu"), amp=False)
     test = json.loads(paths.test_metrics.read_text())["tasks"]
     for t in TASKS:
         assert test[t]["accuracy"] == pytest.approx(per_task[t]["accuracy"], abs=1e-9)

@@ -25,9 +25,16 @@ from mtl_core.tasks import MISSING_LABEL
 from mtl_core.transforms import eval_transform
 
 
-def make_test_loader(cfg: PipelineConfig, paths: ProjectPaths, label_columns: list[int] | None = None) -> DataLoader:
+def make_test_loader(
+    cfg: PipelineConfig, paths: ProjectPaths, label_columns: list[int] | None = None, spec: dict | None = None
+) -> DataLoader:
+    """The test split (label columns `label_columns`), normalised as the model of `spec` was trained
+    (its recorded mean and std; without a spec, params.yaml's, which must then be numbers)."""
+    preprocess = cfg.preprocess
+    if spec is not None:
+        preprocess = preprocess.model_copy(update={"mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
     dataset = CachedMultiTaskDataset(
-        paths.images_cache("test"), paths.labels_cache("test"), eval_transform(cfg.preprocess), None, label_columns
+        paths.images_cache("test"), paths.labels_cache("test"), eval_transform(preprocess), None, label_columns
     )
     return DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=0)
 
@@ -63,7 +70,7 @@ def score_folder(cfg: PipelineConfig, paths: ProjectPaths, folder: Path, label_c
     """Per-task test metrics of the model trained into `folder` (its best weights), on label columns
     `label_columns` of the test cache; its per-image predictions go to `folder`/test_predictions.csv."""
     device = select_device(cfg.train.device)
-    model, _ = load_model(folder / SPEC_FILE, folder / WEIGHTS_FILE, device)
-    per_task, _, probs, _ = score(model, make_test_loader(cfg, paths, label_columns), device, cfg.train.amp)
+    model, spec = load_model(folder / SPEC_FILE, folder / WEIGHTS_FILE, device)
+    per_task, _, probs, _ = score(model, make_test_loader(cfg, paths, label_columns, spec), device, cfg.train.amp)
     write_test_predictions(folder / TEST_PREDICTIONS_FILE, probs)
     return per_task

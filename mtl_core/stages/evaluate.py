@@ -47,7 +47,7 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
     paths = ProjectPaths(root)
     device = select_device(cfg.train.device)
     model, spec = load_model(paths.model_spec, paths.weights, device)
-    per_task, confusions, probs, targets = score(model, make_test_loader(cfg, paths), device, cfg.train.amp)
+    per_task, confusions, probs, targets = score(model, make_test_loader(cfg, paths, spec=spec), device, cfg.train.amp)
 
     paths.predictions_dir.mkdir(parents=True, exist_ok=True)
     paths.confusion_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def run_preprocess(cfg: PipelineConfig, root: Path, workers: int | None = None) 
     """workers: processes decoding images (None: every available core; 1: this process only)."""
     root = Path(root)
     paths = ProjectPaths(root)
-    train_transform(cfg.preprocess)  # fail now, not in a DataLoader worker, on a bad augmentation
+    train_transform(cfg.preprocess, normalize=False)  # fail now, not in a DataLoader worker, on a bad augmentation
     records = manifest_records(paths.manifest)
     header = next(records, [])
     weight_column = cfg.data.sample_weight_column

