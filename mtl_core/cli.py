@@ -32,7 +32,22 @@ def build_parser(stages: bool = True) -> argparse.ArgumentParser:
     if stages:
         _add_stage_parsers(sub)
     _add_predict_parser(sub)
+    if stages:
+        _add_audit_parser(sub)
     return parser
+
+
+def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit-labels",
+        help="find suspected label problems in the training split by k-fold cross-validation (trains k models)",
+        description="Train the multi-task model of params.yaml on k-1 folds of the training split, k times, and list "
+        "the training images whose label the held-out predictions contradict with confidence (confident learning). "
+        "Writes reports/label_audit/. Not a DVC stage: it trains k models.",
+    )  # fmt: skip
+    p.add_argument("--folds", type=int, default=5, help="folds of the training split (default: 5)")
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    p.add_argument("--root", default=".", help="project root (default: current folder)")
 
 
 def _add_stage_parsers(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +84,10 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
+        "--raw-probabilities", action="store_true",
+        help="the uncalibrated softmax (default: probabilities calibrated by the temperatures fitted on the validation split)",
+    )  # fmt: skip
+    p.add_argument(
         "--params",
         default="params.yaml",
         help="parameters file, relative to --root; read for an MLflow model only (default: params.yaml)",
@@ -84,12 +103,25 @@ def _predict(args: argparse.Namespace) -> None:
     from mtl_core.registry.model_source import load_model_for_prediction
 
     images = check_images(args.images)  # before the (slow) model load
-    model = load_model_for_prediction(args.model, Path(args.root).resolve(), Path(args.params))
+    model = load_model_for_prediction(args.model, Path(args.root).resolve(), Path(args.params), raw=args.raw_probabilities)
     records = prediction.predict_files(model, images)
     if args.json:
         print(prediction.to_json(records))
     else:
         prediction.print_table(records, model.source)
+
+
+def _audit(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mtl_core.config import load_config
+    from mtl_core.stages.audit_labels import run_audit_labels
+
+    root = Path(args.root).resolve()
+    params = Path(args.params)
+    summary = run_audit_labels(load_config(params if params.is_absolute() else root / params), root, args.folds)
+    for task, report in summary["tasks"].items():
+        print(f"{task}: {report['suspects']} suspected label problems: reports/label_audit/{task}.csv")
 
 
 def _command(argv: list[str]) -> str | None:
@@ -105,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             _predict(args)
+        elif args.command == "audit-labels":
+            _audit(args)
         else:
             from mtl_core.pipeline import run_stage
 

@@ -552,6 +552,24 @@ class MlflowConfig(_Strict):
     )
 
 
+class EvaluateConfig(_Strict):
+    """What the evaluate stage shows of the test images besides the metrics (stages/evaluate.py)."""
+
+    gallery_tiles: Int = Field(
+        8, ge=1, le=64,
+        description="Per task, how many test images the error gallery shows of each kind: the wrong answers "
+        "given with the highest confidence, and the right answers given with the lowest.",
+    )  # fmt: skip
+    label_issue_tiles: Int = Field(
+        12, ge=1, le=64, description="Per task, how many of the suspected label problems the thumbnail grid shows."
+    )
+    gradcam_images: Int = Field(
+        4, ge=0, le=32,
+        description="Test images in the Grad-CAM figure (a row each, a column per task head); 0: no Grad-CAM. "
+        "CNN backbones only; others skip it with one log line.",
+    )  # fmt: skip
+
+
 class RegisterConfig(_Strict):
     """The champion gate of the register stage (mtl_core/registry/gate.py)."""
 
@@ -696,6 +714,10 @@ with warnings.catch_warnings():
         )
         mlflow: MlflowConfig = Field(
             MlflowConfig(), description="The MLflow experiment, the registered model's name and the tracking store."
+        )
+        evaluate: EvaluateConfig = Field(
+            EvaluateConfig(),
+            description="What the evaluate stage shows besides the metrics: error galleries, label problems, Grad-CAM.",
         )
         register: RegisterConfig = Field(
             RegisterConfig(),

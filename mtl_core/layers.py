@@ -14,8 +14,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # distributed context, fault injection for tests, file hashes
     ("base", ("mtl_core", "mtl_core.paths", "mtl_core.tasks", "mtl_core.runtime", "mtl_core.faults", "mtl_core.hashing")),
     # the pluggable pieces and pure functions of plain values: networks, weighting methods, figures,
-    # the built-in datasets, image decoding
-    ("components", ("mtl_core.models", "mtl_core.weighting", "mtl_core.figures", "mtl_core.data.builtin", "mtl_core.data.images")),
+    # the built-in datasets, image decoding, probability calibration
+    ("components", (
+        "mtl_core.models", "mtl_core.weighting", "mtl_core.figures", "mtl_core.data.builtin", "mtl_core.data.images",
+        "mtl_core.calibration",
+    )),
     # params.yaml, validated (against the registries of the layer below)
     ("config", ("mtl_core.config", "mtl_core.config_names", "mtl_core.config_reference")),
     # data: the manifest's checks and split, the preprocessed cache, augmentation, the task losses

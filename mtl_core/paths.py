@@ -176,6 +176,26 @@ class ProjectPaths:
         return self.reports_dir / "confusion_grid.png"
 
     @property
+    def errors_dir(self) -> Path:
+        """The error gallery: per task a figure and its JSON, and an index by error rate."""
+        return self.reports_dir / "errors"
+
+    @property
+    def label_issues_dir(self) -> Path:
+        """Per task the suspected label problems (CSV) and their thumbnails."""
+        return self.reports_dir / "label_issues"
+
+    @property
+    def calibration(self) -> Path:
+        """Reliability tables before and after temperature scaling (+ a .png figure)."""
+        return self.reports_dir / "calibration.json"
+
+    @property
+    def gradcam(self) -> Path:
+        """Grad-CAM of each task head on a few test images (+ a .json of the images and answers)."""
+        return self.reports_dir / "gradcam.png"
+
+    @property
     def error_correlation(self) -> Path:
         """Correlation between tasks of per-sample test errors (+ a .png heatmap)."""
         return self.reports_dir / "task_error_correlation.json"

@@ -26,15 +26,16 @@ from mtl_core.transforms import eval_transform
 
 
 def make_test_loader(
-    cfg: PipelineConfig, paths: ProjectPaths, label_columns: list[int] | None = None, spec: dict | None = None
+    cfg: PipelineConfig, paths: ProjectPaths, label_columns: list[int] | None = None, spec: dict | None = None,
+    split: str = "test",
 ) -> DataLoader:
-    """The test split (label columns `label_columns`), normalised as the model of `spec` was trained
-    (its recorded mean and std; without a spec, params.yaml's, which must then be numbers)."""
+    """The test split (or `split`; label columns `label_columns`), normalised as the model of `spec` was
+    trained (its recorded mean and std; without a spec, params.yaml's, which must then be numbers)."""
     preprocess = cfg.preprocess
     if spec is not None:
         preprocess = preprocess.model_copy(update={"mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
     dataset = CachedMultiTaskDataset(
-        paths.images_cache("test"), paths.labels_cache("test"), eval_transform(preprocess), None, label_columns
+        paths.images_cache(split), paths.labels_cache(split), eval_transform(preprocess), None, label_columns
     )
     return DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=0)
 

@@ -22,11 +22,13 @@ SPEC_FORMAT = "mtl-pipeline/model-spec/1"
 def model_spec(
     arch: str, arch_options: Mapping[str, Any], backbone: str, stem: str, pretrained: bool | str,
     tasks: Mapping[str, Sequence[str]], image_size: int, mean: Sequence[float], std: Sequence[float],
-    task_groups: Sequence[Sequence[str]] | None = None,
+    task_groups: Sequence[Sequence[str]] | None = None, calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The spec of a trained network: `stem` resolved (`imagenet` or `small`, never `auto`, whose meaning
     may change); `pretrained` is provenance only (loading uses the trained weights); `tasks`: class
-    names per task in label order; `task_groups`: one network per group (models.grouped)."""
+    names per task in label order; `task_groups`: one network per group (models.grouped); `calibration`:
+    per-task temperatures (`temperatures`: the calibrated probabilities are softmax(logits / T)) and how they
+    were fitted."""
     spec = {
         "format": SPEC_FORMAT,
         "arch": arch,
@@ -41,7 +43,16 @@ def model_spec(
     }
     if task_groups:
         spec["task_groups"] = [list(g) for g in task_groups]
+    if calibration:
+        spec["temperatures"] = {t: float(v) for t, v in calibration["temperatures"].items()}
+        spec["calibration"] = {k: v for k, v in calibration.items() if k != "temperatures"}
     return spec
+
+
+def temperatures(spec: Mapping[str, Any]) -> dict[str, float]:
+    """The spec's per-task temperatures; 1.0 (the raw probabilities) for a spec written before calibration."""
+    fitted = spec.get("temperatures") or {}
+    return {t: float(fitted.get(t, 1.0)) for t in spec["tasks"]}
 
 
 def write_spec(path: Path, spec: Mapping[str, Any]) -> None:

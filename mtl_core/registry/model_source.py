@@ -84,21 +84,21 @@ def is_model_uri(model: str) -> bool:
     return bool(_URI.match(model))
 
 
-def load_model_for_prediction(model: str | None, root: Path, params: Path) -> LoadedModel:
+def load_model_for_prediction(model: str | None, root: Path, params: Path, raw: bool = False) -> LoadedModel:
     """`model`: an MLflow model URI or a local path (see the module docstring); None: the champion.
 
     The parameters file (relative to `root` unless absolute) is read only for an MLflow model, for the
     model name and the tracking store: a local model folder predicts outside any project.
     """
     if model and not is_model_uri(model):
-        return load_local_model(Path(model))
+        return load_local_model(Path(model), raw)
     from mtl_core.config import load_config
 
     cfg = load_config(params if params.is_absolute() else root / params)
-    return load_mlflow_model(model or default_model_uri(cfg), cfg, root)
+    return load_mlflow_model(model or default_model_uri(cfg), cfg, root, raw)
 
 
-def load_mlflow_model(uri: str, cfg: PipelineConfig, root: Path) -> LoadedModel:
+def load_mlflow_model(uri: str, cfg: PipelineConfig, root: Path, raw: bool = False) -> LoadedModel:
     store = tracking_uri(cfg, root)
     db = sqlite_db_path(store)
     if uri.split(":", 1)[0].lower() in _STORE_SCHEMES and db is not None and not db.is_file():
@@ -109,7 +109,7 @@ def load_mlflow_model(uri: str, cfg: PipelineConfig, root: Path) -> LoadedModel:
         )
     if db is not None and (folder := registry_model_folder(db, uri)) is not None:
         if (local := _pyfunc_files(folder)) is not None:
-            return _from_weights(*local, source=uri)
+            return _from_weights(*local, source=uri, raw=raw)
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -120,7 +120,7 @@ def load_mlflow_model(uri: str, cfg: PipelineConfig, root: Path) -> LoadedModel:
         raise ModelLoadError(f"cannot load model {uri} from tracking store {store}: {err.message}") from None
     except OSError as err:
         raise ModelLoadError(f"cannot load model {uri} from tracking store {store}: {err}") from None
-    return _from_pyfunc(pyfunc, source=uri)
+    return _from_pyfunc(pyfunc, source=uri, raw=raw)
 
 
 _REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?")
@@ -185,8 +185,9 @@ def _pyfunc_files(folder: Path) -> tuple[Path, Path] | None:
     return (spec, weights) if ours and spec.is_file() and weights.is_file() else None
 
 
-def _from_pyfunc(pyfunc: Any, source: str) -> LoadedModel:
-    """A model that only MLflow's pyfunc loader can load: its DataFrame answer read back as probabilities."""
+def _from_pyfunc(pyfunc: Any, source: str, raw: bool = False) -> LoadedModel:
+    """A model that only MLflow's pyfunc loader can load: its DataFrame answer read back as probabilities
+    (`raw`: asked for with the pyfunc's parameter `raw`, which this project's pyfunc honours)."""
     metadata = getattr(pyfunc.metadata, "metadata", None) or {}
     tasks = metadata.get("tasks")
     if not isinstance(tasks, dict) or not tasks:
@@ -199,7 +200,9 @@ def _from_pyfunc(pyfunc: Any, source: str) -> LoadedModel:
         source=source,
         tasks=tasks,
         image_size=int(size) if size else None,
-        probabilities=lambda images: _frame_probabilities(pyfunc.predict(_as_batch(images)), tasks, source),
+        probabilities=lambda images: _frame_probabilities(
+            pyfunc.predict(_as_batch(images), params={"raw": True}) if raw else pyfunc.predict(_as_batch(images)), tasks, source
+        ),
     )
 
 
@@ -218,7 +221,7 @@ def _frame_probabilities(frame: pd.DataFrame, tasks: dict[str, list[str]], sourc
     return {t: frame[[f"{t}_prob_{c}" for c in tasks[t]]].to_numpy(dtype=np.float64) for t in order}
 
 
-def load_local_model(path: Path) -> LoadedModel:
+def load_local_model(path: Path, raw: bool = False) -> LoadedModel:
     if not path.exists():
         raise FileNotFoundError(
             f"model not found: {path} is neither an MLflow model URI (e.g. models:/NAME@{CHAMPION}) "
@@ -229,18 +232,18 @@ def load_local_model(path: Path) -> LoadedModel:
         if spec.is_file():
             for weights in (path / WEIGHTS_FILE, path / CHECKPOINT_FILE):
                 if weights.is_file():
-                    return _from_weights(spec, weights)
+                    return _from_weights(spec, weights, raw=raw)
             raise FileNotFoundError(
                 f"model folder {path} has {SPEC_FILE} but no weights: expected {WEIGHTS_FILE} (or {CHECKPOINT_FILE})"
             )
         if (path / MLMODEL_FILE).is_file():
             if (local := _pyfunc_files(path)) is not None:
-                return _from_weights(*local, source=str(path))
+                return _from_weights(*local, source=str(path), raw=raw)
             import mlflow
             from mlflow.exceptions import MlflowException
 
             try:
-                return _from_pyfunc(mlflow.pyfunc.load_model(str(path)), source=str(path))
+                return _from_pyfunc(mlflow.pyfunc.load_model(str(path)), source=str(path), raw=raw)
             except MlflowException as err:
                 raise ModelLoadError(f"cannot load MLflow model folder {path}: {err.message}") from None
         raise FileNotFoundError(
@@ -251,23 +254,23 @@ def load_local_model(path: Path) -> LoadedModel:
         spec = path.with_name(SPEC_FILE)
         if not spec.is_file():
             raise FileNotFoundError(f"model weights {path} need {SPEC_FILE} next to them: {spec} not found")
-        return _from_weights(spec, path)
+        return _from_weights(spec, path, raw=raw)
     raise ValueError(
         f"--model {path}: expected a trained models/ folder, a .safetensors or .pt file next to its "
         f"{SPEC_FILE}, or an MLflow model URI such as models:/NAME@{CHAMPION}"
     )
 
 
-def _from_weights(spec: Path, weights: Path, source: str | None = None) -> LoadedModel:
+def _from_weights(spec: Path, weights: Path, source: str | None = None, raw: bool = False) -> LoadedModel:
     from safetensors import SafetensorError
 
     from mtl_core.registry.predictor import MultiTaskPredictor
 
     try:
         if weights.suffix in CHECKPOINT_SUFFIXES:
-            predictor = checkpoint_predictor(spec, weights)
+            predictor = checkpoint_predictor(spec, weights, raw=raw)
         else:
-            predictor = MultiTaskPredictor(spec, weights)
+            predictor = MultiTaskPredictor(spec, weights, raw=raw)
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"cannot load model: {spec} is not valid JSON: {err}") from None
     except (KeyError, OSError, RuntimeError, ValueError, SafetensorError, pickle.UnpicklingError) as err:
@@ -281,7 +284,7 @@ def _from_weights(spec: Path, weights: Path, source: str | None = None) -> Loade
     )
 
 
-def checkpoint_predictor(spec_path: Path, checkpoint_path: Path, device: str = "cpu") -> MultiTaskPredictor:
+def checkpoint_predictor(spec_path: Path, checkpoint_path: Path, device: str = "cpu", raw: bool = False) -> MultiTaskPredictor:
     """A MultiTaskPredictor over a training checkpoint (`torch.save` of {"epoch", "model", "optimizer"} or of a
     bare state dict), read with `weights_only=True`: no code is unpickled.
 
@@ -301,4 +304,4 @@ def checkpoint_predictor(spec_path: Path, checkpoint_path: Path, device: str = "
     with tempfile.TemporaryDirectory(prefix="mtl-predict-") as tmp:
         weights = Path(tmp) / WEIGHTS_FILE
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(weights))
-        return MultiTaskPredictor(spec_path, weights, device)
+        return MultiTaskPredictor(spec_path, weights, device, raw=raw)

@@ -19,7 +19,7 @@ import torch
 
 from mtl_core.data.images import resize_rgb
 from mtl_core.inference import predict_probabilities
-from mtl_core.models.io import load_model
+from mtl_core.models.io import load_model, temperatures
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,28 +102,32 @@ def normalize_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
 class MultiTaskPredictor:
     """Plain predictor over a model spec + weights; used by the pyfunc wrapper and by `mtl predict`."""
 
-    def __init__(self, spec_path: Path, weights_path: Path, device: str = "cpu") -> None:
+    def __init__(self, spec_path: Path, weights_path: Path, device: str = "cpu", raw: bool = False) -> None:
+        """`raw`: the softmax of the logits as they are, not divided by the spec's per-task temperatures
+        (the calibrated probabilities, the default; a spec without temperatures gives the raw ones)."""
         self.device = torch.device(device)
         self.model, self.spec = load_model(Path(spec_path), Path(weights_path), self.device)
         self.size = int(self.spec["image_size"])
         self._lut = normalize_lut(self.spec["mean"], self.spec["std"])
+        self.temperatures = None if raw else temperatures(self.spec)
 
     def tensor(self, image: np.ndarray) -> torch.Tensor:
         """One uint8 RGB image (any size) -> the normalised (3, size, size) float32 tensor."""
         pixels = resize_rgb(image, self.size)
         return torch.from_numpy(np.stack([self._lut[c][pixels[..., c]] for c in range(CHANNELS)]))
 
-    def probabilities(self, images: Any) -> dict[str, np.ndarray]:
-        """Softmax probabilities (N, classes) per task, for the images `as_image_batch` takes."""
+    def probabilities(self, images: Any, raw: bool = False) -> dict[str, np.ndarray]:
+        """Softmax probabilities (N, classes) per task, calibrated unless `raw` (here or at construction),
+        for the images `as_image_batch` takes."""
         batch = torch.stack([self.tensor(im) for im in as_image_batch(images)])
-        return predict_probabilities(self.model, batch, self.device, amp=False)
+        return predict_probabilities(self.model, batch, self.device, amp=False, temperatures=None if raw else self.temperatures)
 
-    def predict_images(self, images: Any) -> pd.DataFrame:
+    def predict_images(self, images: Any, raw: bool = False) -> pd.DataFrame:
         """The pyfunc's output: per task `<task>` (class), `<task>_probability`, `<task>_prob_<class>`."""
         import pandas as pd
 
         columns: dict[str, Any] = {}
-        for task, p in self.probabilities(images).items():
+        for task, p in self.probabilities(images, raw).items():
             classes = self.spec["tasks"][task]
             best = p.argmax(1)
             columns[task] = [classes[i] for i in best]

@@ -8,6 +8,8 @@ Input: RGB images as uint8 (N, H, W, 3), any H and W (resized like in preprocess
 (`mlflow models serve`), `{"inputs": <nested lists of 0-255 integers>}`. Anything else (floats, values
 outside 0-255, other channel counts) is refused with a one-line error (HTTP 400), see
 `predictor.as_image_batch`.
+Probabilities are calibrated (softmax of the logits divided by the task's temperature, fitted on the
+validation split: training/calibration.py); the parameter `raw: true` asks for the uncalibrated softmax.
 Output: a DataFrame with, per task, the predicted class `<task>`, its probability
 `<task>_probability`, and one column `<task>_prob_<class>` per class.
 """
@@ -47,12 +49,15 @@ class InvalidImagesError(MlflowException):
 
 
 class MultiTaskPyfunc(mlflow.pyfunc.PythonModel):
+    """Calibrated probabilities (the spec's per-task temperatures); the parameter `raw: true` answers
+    with the uncalibrated softmax instead."""
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.predictor = MultiTaskPredictor(context.artifacts["spec"], context.artifacts["weights"])
 
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
         try:
-            return self.predictor.predict_images(model_input)
+            return self.predictor.predict_images(model_input, raw=bool((params or {}).get("raw")))
         except ImageInputError as err:
             raise InvalidImagesError(f"invalid images: {err}") from None
 

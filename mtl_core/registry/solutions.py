@@ -23,6 +23,7 @@ from mtl_core.evaluation.task_grouping import format_groups
 from mtl_core.models.grouped import TaskGroupedModel
 from mtl_core.models.io import load_model, read_spec, write_spec
 from mtl_core.paths import SPEC_FILE, WEIGHTS_FILE, ProjectPaths
+from mtl_core.training.groups import merged_calibration
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ def single_task_solution(paths: ProjectPaths, tasks: list[str], out: Path) -> tu
     grouped = TaskGroupedModel(members, tasks)
     out.mkdir(parents=True, exist_ok=True)
     spec = {**specs[0], "tasks": {t: s["tasks"][t] for t, s in zip(tasks, specs)}, "task_groups": [[t] for t in tasks]}
+    if (calibration := merged_calibration(specs)) is not None:
+        spec["temperatures"] = calibration.pop("temperatures")
+        spec["calibration"] = calibration
     write_spec(out / SPEC_FILE, spec)
     save_file({k: v.detach().contiguous().cpu() for k, v in grouped.state_dict().items()}, str(out / WEIGHTS_FILE))
     return out / SPEC_FILE, out / WEIGHTS_FILE

@@ -31,6 +31,7 @@ from mtl_core.runtime import Distributed, distributed, place_model, seed_everyth
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.training import checkpoint
 from mtl_core.training.batch_cache import BatchCache
+from mtl_core.training.calibration import calibrate
 from mtl_core.training.checkpoint import Checkpointer
 from mtl_core.training.ddp import prepare_model, trainable_set, wrap
 from mtl_core.training.gradient_cosine import GradientCosineTracker
@@ -130,7 +131,8 @@ def fit(
         raise RuntimeError("train: no epoch was trained")
     totals = t.state.totals
     throughput = totals["images"] / totals["seconds"] if totals["seconds"] else 0.0
-    outputs.finish(t.state, cfg, tasks, t.stem, device, dist.world_size, throughput)
+    calibration = calibrate(t.state, t.loaders["val"], device, cfg.train.amp) if dist.is_main else None
+    outputs.finish(t.state, cfg, tasks, t.stem, device, dist.world_size, throughput, calibration)
     return FitResult(sink.run_id, t.state.best_epoch, t.state.best_score, throughput)
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from mtl_core.config import PipelineConfig
 from mtl_core.figures.curves import plot_training_curves
 from mtl_core.models.grouped import TaskGroupedModel
-from mtl_core.models.io import load_model, read_spec, write_spec
+from mtl_core.models.io import load_model, read_spec, temperatures, write_spec
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.training.model_files import ModelFiles, spec_for, write_gradient_cosine
@@ -80,11 +80,11 @@ def assemble_groups(
         histories.append(pd.read_csv(files.history))
         cosine_reports.append(json.loads(files.gradient_cosine.read_text()) if files.gradient_cosine and files.gradient_cosine.is_file() else {})
         files.weights.unlink()  # the grouped file below holds these weights
-    stem = read_spec(members[0].spec)["stem"]
+    member_specs = [read_spec(files.spec) for files in members]
     grouped = TaskGroupedModel(models, tasks.names)
     paths.reports_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in grouped.state_dict().items()}, paths.weights)
-    write_spec(paths.model_spec, spec_for(cfg, tasks, stem, task_groups=groups))
+    write_spec(paths.model_spec, spec_for(cfg, tasks, member_specs[0]["stem"], task_groups=groups, calibration=merged_calibration(member_specs)))
     history = merge_histories(histories, tasks.names)
     history.to_csv(paths.train_history, index=False)
     for _, row in history.iterrows():  # the solution's curves, in the model's run
@@ -100,6 +100,18 @@ def assemble_groups(
     sink.set_tags({"mtl.task_groups": json.dumps(groups)})
     sink.log_artifact(paths.model_spec, "model_spec")
     return summary
+
+
+def merged_calibration(specs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The members' temperatures (and how they were fitted) as one model's, each task's from its member."""
+    if not any("temperatures" in s for s in specs):
+        return None
+    merged: dict[str, Any] = {"temperatures": {}, "fitted_on": "val", "unfitted": {}, "val_nll": {}}
+    for spec in specs:
+        merged["temperatures"].update(temperatures(spec))
+        for key in ("unfitted", "val_nll"):
+            merged[key].update(spec.get("calibration", {}).get(key, {}))
+    return merged
 
 
 def _merged_summary(groups: list[list[str]], summaries: list[dict[str, Any]], tasks: TaskSpec) -> dict[str, Any]:

@@ -67,15 +67,17 @@ class ModelFiles:
 
 
 def spec_for(
-    cfg: PipelineConfig, tasks: TaskSpec, stem: str | None = None, task_groups: list[list[str]] | None = None
+    cfg: PipelineConfig, tasks: TaskSpec, stem: str | None = None, task_groups: list[list[str]] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model spec (models.io) of a network trained with `cfg` on `tasks`; `stem`: the resolved
     `model.stem` it was built with (None: resolved here), never `auto`, whose meaning may change;
-    `task_groups`: one network per group (models.grouped)."""
+    `task_groups`: one network per group (models.grouped); `calibration`: the temperatures
+    (training.calibration)."""
     stem = stem or resolve_stem(cfg.model.stem, cfg.preprocess.image_size, cfg.model.backbone)
     return model_spec(
         cfg.model.arch, cfg.model.arch_options, cfg.model.backbone, stem, cfg.model.pretrained, tasks.classes,
-        cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std, task_groups,
+        cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std, task_groups, calibration,
     )  # fmt: skip
 
 
@@ -119,7 +121,7 @@ class NoOutputs:
 
     def finish(
         self, state: TrainingState, cfg: PipelineConfig, tasks: TaskSpec, stem: str, device: torch.device, processes: int,
-        throughput: float,
+        throughput: float, calibration: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         pass
 
@@ -140,7 +142,7 @@ class ModelOutputs(NoOutputs):
 
     def finish(
         self, state: TrainingState, cfg: PipelineConfig, tasks: TaskSpec, stem: str, device: torch.device, processes: int,
-        throughput: float,
+        throughput: float, calibration: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         files, sink, totals = self.files, self.sink, state.totals
         print(f"train: {throughput:.1f} images/s on {device} ({totals['images']} images in {totals['seconds']:.1f} s)")
@@ -172,7 +174,7 @@ class ModelOutputs(NoOutputs):
         }
         files.summary.write_text(json.dumps(summary, indent=2) + "\n")
         sink.log_metrics({"train/throughput_images_per_second": throughput, "val/best/mean_accuracy": state.best_score})
-        write_spec(files.spec, spec_for(cfg, tasks, stem))
+        write_spec(files.spec, spec_for(cfg, tasks, stem, calibration=calibration))
         sink.log_artifact(files.spec, "model_spec")
 
 
