@@ -26,7 +26,7 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
 
 
 def test_unknown_top_level_section():
-    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*allowed keys here: compare, data, grouping, mlflow, model"):
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*allowed keys here: compare, data, evaluate, grouping, mlflow, model"):
         config_from_dict({"trian": {}})
 
 
