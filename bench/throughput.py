@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 
 from mtl_core import runtime
 from mtl_core.config import load_config
+from mtl_core.training.normalisation import resolve_normalisation
 from mtl_core.data.dataset import CachedMultiTaskDataset
 from mtl_core.losses import TaskLoss
 from mtl_core.models import build_model
@@ -177,7 +178,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    base = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    base = resolve_normalisation(load_config(Path(__file__).resolve().parents[1] / "params.yaml"))  # mean/std: auto
     device = select_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({name}), torch {torch.__version__}, {os.cpu_count()} CPU threads, global batch "

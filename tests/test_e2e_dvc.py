@@ -82,12 +82,14 @@ def test_dvc_metrics_show_reads_the_means_and_delta_m_and_the_per_task_files_whe
     assert files["reports/comparison.json"]["data"]["delta_m_pct"] == pytest.approx(written["delta_m_pct"])
 
 
-# What `dvc plots show` draws, each once: the two training charts (train_history.csv) and five images,
-# the confusion matrices of all tasks one of them (reports/confusion_grid.png), whatever the task count.
+# What `dvc plots show` draws, each once: the two training charts (train_history.csv) and seven images,
+# the confusion matrices of all tasks one of them (reports/confusion_grid.png), whatever the task count;
+# and the error gallery, an image per task (reports/errors/).
 PLOTS = {
     "Mean accuracy per epoch": "vega", "Mean loss per epoch": "vega",
     "reports/confusion_grid.png": "image", "reports/training_curves.png": "image", "reports/task_gradient_cosine.png": "image",
-    "reports/task_error_correlation.png": "image", "reports/task_affinity.png": "image",
+    "reports/task_error_correlation.png": "image", "reports/task_affinity.png": "image", "reports/calibration.png": "image",
+    "reports/gradcam.png": "image", **{f"reports/errors/{t}.png": "image" for t in ("shape", "color", "size", "position")},
 }  # fmt: skip
 
 

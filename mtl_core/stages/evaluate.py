@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,7 @@ class EvaluateResult:
 
 
 def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
+    start = time.perf_counter()
     paths = ProjectPaths(root)
     device = select_device(cfg.train.device)
     model, spec = load_model(paths.model_spec, paths.weights, device)
@@ -154,11 +156,13 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
     )  # fmt: skip
 
     images = np.load(paths.images_cache("test"), mmap_mode="r")
+    reports_start = time.perf_counter()
     calibrated = calibrated_probabilities(probs, temperatures(spec))  # what the registered model answers
     _error_galleries(cfg, paths, spec, images, calibrated, targets)
     calibration = _calibration(paths, spec, probs, targets)
     _label_issues(cfg, paths, model, spec, device, images, calibrated, targets)
     _gradcam(cfg, paths, model, spec, images)
+    image_seconds = time.perf_counter() - reports_start
 
     mean = mean_over_tasks(per_task)
     ece = {t: {"temperature": c["temperature"], "ece_raw": c["raw"]["ece"], "ece_calibrated": c["calibrated"]["ece"]} for t, c in calibration.items()}
@@ -202,4 +206,8 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
                 mlflow.log_artifact(str(figure), artifact_path="images")
         mlflow.set_tag("mtl.evaluated", "true")
         log.info("MLflow UI: every run's results at <mlflow ui address>%s", results_view_path(run.info.experiment_id))
+    log.info(
+        "evaluate: %.1f s, of which %.1f s for the image reports (errors, calibration, label problems, Grad-CAM)",
+        time.perf_counter() - start, image_seconds,
+    )  # fmt: skip
     return EvaluateResult(per_task, mean)

@@ -84,6 +84,8 @@ def assemble_groups(
     grouped = TaskGroupedModel(models, tasks.names)
     paths.reports_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in grouped.state_dict().items()}, paths.weights)
+    normalisation = {"mean": tuple(member_specs[0]["mean"]), "std": tuple(member_specs[0]["std"])}  # resolved by fit
+    cfg = cfg.model_copy(update={"preprocess": cfg.preprocess.model_copy(update=normalisation)})
     write_spec(paths.model_spec, spec_for(cfg, tasks, member_specs[0]["stem"], task_groups=groups, calibration=merged_calibration(member_specs)))
     history = merge_histories(histories, tasks.names)
     history.to_csv(paths.train_history, index=False)

@@ -21,6 +21,7 @@ from mtl_core.losses import TaskLoss
 from mtl_core.runtime import Distributed, autocast, distributed, memory_format
 from mtl_core.tasks import MISSING_LABEL
 from mtl_core.training.ddp import global_batch, global_losses
+from mtl_core.training.normalisation import resolve_normalisation
 from mtl_core.training.progress import EpochProgress, EpochStats
 from mtl_core.training.state import TrainingState
 from mtl_core.transforms import normalize_on_device
@@ -52,7 +53,10 @@ class StepSettings:
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> StepSettings:
+        """The step settings of `cfg` (`preprocess.mean/std: auto` resolved, training.normalisation)."""
         t = cfg.train
+        if "auto" in (cfg.preprocess.mean, cfg.preprocess.std):  # fit resolves them once; others here
+            cfg = resolve_normalisation(cfg)
         return cls(
             cfg.preprocess.mean, cfg.preprocess.std, t.amp, t.channels_last, t.grad_clip, t.on_nonfinite,
             t.max_skipped_steps, t.max_steps_per_epoch,

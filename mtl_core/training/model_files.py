@@ -25,6 +25,7 @@ from mtl_core.paths import (
 )  # fmt: skip
 from mtl_core.tasks import TaskSpec
 from mtl_core.training import checkpoint
+from mtl_core.training.normalisation import resolve_normalisation
 from mtl_core.training.sink import NullSink
 from mtl_core.training.state import TrainingState
 
@@ -74,6 +75,8 @@ def spec_for(
     `model.stem` it was built with (None: resolved here), never `auto`, whose meaning may change;
     `task_groups`: one network per group (models.grouped); `calibration`: the temperatures
     (training.calibration)."""
+    if "auto" in (cfg.preprocess.mean, cfg.preprocess.std):  # fit resolves them once; others here
+        cfg = resolve_normalisation(cfg)
     stem = stem or resolve_stem(cfg.model.stem, cfg.preprocess.image_size, cfg.model.backbone)
     return model_spec(
         cfg.model.arch, cfg.model.arch_options, cfg.model.backbone, stem, cfg.model.pretrained, tasks.classes,
