@@ -8,7 +8,26 @@ import logging
 import os
 import sys
 
-KNOWN_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RuntimeError)
+KNOWN_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, RuntimeError)
+"""What a stage raises for something the user can act on: one `mtl <stage>: error:` line (the traceback
+with --verbose). OSError covers files (not found, permissions) and full disks (`describe_error`)."""
+
+
+def describe_error(err: BaseException) -> str:
+    """The error's one line: its own message; for a full disk, the file and the space left on its disk."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) and err.filename:
+        from pathlib import Path
+
+        from mtl_core.data.disk import free_bytes, human_bytes
+
+        path = Path(err.filename)
+        return (
+            f"{path}: {err.strerror or 'no space left on device'} ({human_bytes(free_bytes(path.parent))} free on "
+            "that disk now); free some space and rerun: nothing written before it is lost"
+        )
+    return str(err)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -112,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except KNOWN_ERRORS as err:
         if args.verbose:
             raise
-        print(f"mtl {args.command}: error: {err}", file=sys.stderr)
+        print(f"mtl {args.command}: error: {describe_error(err)}", file=sys.stderr)
         return 2
     return 0
 

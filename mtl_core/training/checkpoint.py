@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -147,10 +148,20 @@ def save(path: Path, state: dict[str, Any]) -> None:
     """Atomically replace `path` with `state` (temporary file, fsync, rename, fsync of the folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    # serialised in memory first: torch.save into a file turns a failed write (a full disk) into a
+    # RuntimeError "unexpected pos"; a plain write raises the OSError that says what happened
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    try:
+        with tmp.open("wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as err:  # a full disk, a stop: no torn temporary file left on the disk
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not err.filename:  # a write names no file: name it
+            raise OSError(err.errno, err.strerror, str(tmp)) from err
+        raise
     fault_point("checkpoint.before_rename")
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
