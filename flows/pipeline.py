@@ -21,7 +21,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
+from mtl_core.config import load_config
 from mtl_core.pipeline import STAGES
+from mtl_core.tracking.store import check_store, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 METRICS_ARTIFACT_KEY = "per-task-test-metrics"
@@ -126,6 +128,9 @@ def publish_metrics(project_dir: Path) -> list[dict[str, object]]:
 def mtl_pipeline(project_dir: str = str(PROJECT_ROOT)) -> list[dict[str, object]]:
     """Every stage of dvc.yaml in order, each through DVC, then publish the per-task metrics."""
     root = Path(project_dir).resolve()
+    # the MLflow store answers and can be written, or the flow fails now with one line (not after ingest,
+    # preprocess and a training have run, at the first stage that logs)
+    check_store(tracking_uri(load_config(root / "params.yaml"), root))
     skipped = []
     for name in STAGES:
         state = stage_tasks[name](name, root, return_state=True)

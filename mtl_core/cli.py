@@ -111,6 +111,18 @@ def _predict(args: argparse.Namespace) -> None:
         prediction.print_table(records, model.source)
 
 
+def _check_store(params: str, root: str) -> None:
+    """The MLflow store answers and can be written, before the stage does any work (StoreError if not)."""
+    from pathlib import Path
+
+    from mtl_core.config import load_config
+    from mtl_core.tracking.store import check_store, tracking_uri
+
+    root_path = Path(root).resolve()
+    params_path = Path(params) if Path(params).is_absolute() else root_path / params
+    check_store(tracking_uri(load_config(params_path), root_path))
+
+
 def _command(argv: list[str]) -> str | None:
     """The subcommand of `argv` (its first word that is not an option: `mtl` takes only -v / --help)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -121,18 +133,37 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(stages=_command(argv) != "predict").parse_args(argv)
     _setup_logging(args.verbose)
+    from mtl_core.stopping import StageStopped, exit_with_launcher, install_stop_handlers, restore_handlers
+
+    previous = {}
+    if args.command != "predict":
+        previous = install_stop_handlers()
+        exit_with_launcher()
     try:
         if args.command == "predict":
             _predict(args)
         else:
-            from mtl_core.pipeline import run_stage
+            from mtl_core.pipeline import LOGGING_STAGES, run_stage
 
+            if args.command in LOGGING_STAGES:
+                _check_store(args.params, args.root)
             run_stage(args.command, args.params, args.root, fresh=getattr(args, "fresh", False))
+    except StageStopped as stop:
+        if args.verbose:
+            raise
+        print(
+            f"mtl {args.command}: {stop.reason}: the stage and its worker processes ended, nothing is written "
+            "after the stop; run it again to finish (a training resumes from its last checkpoint)",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     except KNOWN_ERRORS as err:
         if args.verbose:
             raise
         print(f"mtl {args.command}: error: {describe_error(err)}", file=sys.stderr)
         return 2
+    finally:
+        restore_handlers(previous)
     return 0
 
 

@@ -72,7 +72,7 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
     weights_sha = file_sha256(paths.weights)
     name = cfg.mlflow.model_name
 
-    with model_run(cfg, root) as run:
+    with model_run(cfg, root, "register") as run:
         run_id = run.info.run_id
         client = MlflowClient()
         version = version_of_run(client, name, run_id, weights_sha)

@@ -176,34 +176,48 @@ def _remove_stale_temporaries(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def load_resumable(path: Path, expected: dict[str, Any], fresh: bool = False) -> dict[str, Any] | None:
-    """The checkpoint at `path` if it may be resumed: readable, and made by a run with the fingerprint
-    `expected`; otherwise None, with one log line saying why (never a silent resume into another
-    configuration, nor a silent restart)."""
+UNREADABLE = "unreadable checkpoint"
+"""Why `read_checkpoint` did not resume a checkpoint that cannot be read (also the reason a run it
+belonged to is marked FAILED with: training.runs)."""
+
+
+def read_checkpoint(path: Path, expected: dict[str, Any], fresh: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+    """(the checkpoint at `path` if it may be resumed, else None; why a checkpoint that is there is not
+    resumed: UNREADABLE, "other format", "other settings", "--fresh"; None when there is none or it is
+    resumed). Resumable: readable, and made by a run with the fingerprint `expected`. One log line says
+    why a checkpoint is not resumed (never a silent resume into another configuration, nor a silent
+    restart)."""
     if not path.parent.is_dir():
-        return None
+        return None, None
     _remove_stale_temporaries(path)  # a write that was killed before its rename
     if not path.is_file():
-        return None
+        return None, None
     if fresh:
         log.info("train: --fresh: ignoring the checkpoint %s", path)
-        return None
+        return None, "--fresh"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a checkpoint")
     except Exception as err:  # a file from elsewhere or of an older format: never trusted, never fatal
-        log.warning("train: ignoring the unreadable checkpoint %s (%s); starting over", path, err)
-        return None
+        log.warning("train: ignoring the unreadable checkpoint %s (%s); starting over", path, " ".join(str(err).split())[:300])
+        return None, UNREADABLE
     if state.get("format") != FORMAT:
         log.warning("train: ignoring the checkpoint %s of format %s (this code writes %s); starting over", path, state.get("format"), FORMAT)
-        return None
+        return None, "other format"
     if state.get("fingerprint") != expected:
         changes = fingerprint_diff(state.get("fingerprint", {}), expected)
         log.warning(
             "train: ignoring the checkpoint %s (epoch %s, step %s): it was made with other settings (%s); starting over",
             path, state.get("epoch"), state.get("step"), "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""),
         )  # fmt: skip
-        return None
-    return state
+        return None, "other settings"
+    return state, None
+
+
+def load_resumable(path: Path, expected: dict[str, Any], fresh: bool = False) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it may be resumed (read_checkpoint), else None."""
+    return read_checkpoint(path, expected, fresh)[0]
 
 
 def remove(path: Path) -> None:

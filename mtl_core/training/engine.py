@@ -121,6 +121,7 @@ def fit(
     totals = t.state.totals
     throughput = totals["images"] / totals["seconds"] if totals["seconds"] else 0.0
     outputs.finish(t.state, cfg, tasks, t.stem, device, dist.world_size, throughput)
+    sink.flush()  # what a store that failed during the training did not take, or StoreUnavailable
     return FitResult(sink.run_id, t.state.best_epoch, t.state.best_score, throughput)
 
 
