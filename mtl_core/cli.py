@@ -40,6 +40,11 @@ def _setup_logging(verbose: bool) -> None:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow.store", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # MLflow logs each failed store call with its traceback before raising it; the stage reports the
+        # failure itself, in one line (tracking.store, training.sink): the tracebacks only with --verbose
+        for logger in ("mlflow.store.db.utils", "mlflow.utils.rest_utils", "mlflow.tracking._tracking_service.client"):
+            logging.getLogger(logger).setLevel(logging.CRITICAL)
 
 
 def build_parser(stages: bool = True) -> argparse.ArgumentParser:

@@ -136,7 +136,7 @@ def _processes_holding(db: Path) -> list[str]:
         try:
             if not any(os.readlink(fd) in names for fd in (entry / "fd").iterdir()):
                 continue
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            command = " ".join((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split())
         except OSError:
             continue
         found.append(f"pid {entry.name} ({command[:120]})")
@@ -258,6 +258,12 @@ def is_store_failure(err: BaseException) -> bool:
         return isinstance(err, requests.RequestException)
     except ImportError:
         return False
+
+
+def describe_store_failure(err: BaseException) -> str:
+    """A store error in a few words: its first line, without the SQL statement SQLAlchemy appends."""
+    text = " ".join(str(err).split("[SQL:")[0].split())
+    return (text[:200] + "...") if len(text) > 200 else text
 
 
 def bound_http_retries(uri: str) -> None:

@@ -87,11 +87,11 @@ class MlflowSink(LogSink):
         try:
             call()
         except Exception as err:
-            from mtl_core.tracking.store import is_store_failure
+            from mtl_core.tracking.store import describe_store_failure, is_store_failure
 
             if not is_store_failure(err):
                 raise
-            self._failure = " ".join(str(err).split())[:300]
+            self._failure = describe_store_failure(err)
             log.warning(
                 "the MLflow store failed (%s: %s); training goes on and keeps its checkpoints; what it reports "
                 "is kept and logged when the store answers again", what, self._failure,
@@ -103,7 +103,7 @@ class MlflowSink(LogSink):
         """Write the kept calls if a quick probe finds the store back; whether nothing is left."""
         if not self._pending:
             return True
-        from mtl_core.tracking.store import is_store_failure, store_problem
+        from mtl_core.tracking.store import describe_store_failure, is_store_failure, store_problem
 
         if store_problem(self._mlflow.get_tracking_uri()) is not None:
             return False
@@ -114,7 +114,7 @@ class MlflowSink(LogSink):
             except Exception as err:
                 if not is_store_failure(err):
                     raise
-                self._failure = " ".join(str(err).split())[:300]
+                self._failure = describe_store_failure(err)
                 return False
             self._pending.pop(0)
         log.info("the MLflow store answers again: what it missed is logged")
