@@ -23,6 +23,7 @@ from prefect.states import Completed, State
 
 from mtl_core.config import load_config
 from mtl_core.pipeline import STAGES
+from mtl_core.stopping import parent_death_signal
 from mtl_core.tracking.store import check_store, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -52,9 +53,11 @@ def run_dvc_stage(stage: str, project_dir: Path) -> State:
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     logger.info("running %s in %s", " ".join(cmd[2:]), project_dir)
+    # SIGTERM to `dvc repro` when this flow run's process ends (cancelled, stopped): DVC does not forward
+    # it, and the stage it runs stops with DVC (mtl_core.stopping), its workers with it
     proc = subprocess.Popen(
         cmd, cwd=project_dir, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace", bufsize=1,
+        text=True, errors="replace", bufsize=1, preexec_fn=parent_death_signal if sys.platform == "linux" else None,
     )  # fmt: skip
     skipped = None
     assert proc.stdout is not None
