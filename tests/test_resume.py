@@ -251,3 +251,24 @@ def test_an_unreadable_checkpoint_starts_a_new_run_and_fails_the_old_one(prepare
         assert [m.step for m in client.get_metric_history(old.info.run_id, key)] == [1], key
         assert sorted(m.step for m in client.get_metric_history(new.info.run_id, key)) == [1, 2], key
     assert json.loads((root / "models" / "mlflow_run.json").read_text())["run_id"] == new.info.run_id
+
+
+@pytest.mark.timeout(600)
+def test_a_run_that_draws_from_the_global_generators_resumes_exactly(prepared: Path, tmp_path: Path) -> None:
+    """Dropout before the heads draws from torch's global generator at every step: the resumed run equals
+    the uninterrupted one only because the checkpoint's saved generator states are restored (without
+    training.state.restore_rng the masks after the resume differ, and so do the weights)."""
+    runs = {}
+    for name, fault in (("uninterrupted", None), ("killed", f"train.after_step:{STEPS_PER_EPOCH + 3}")):
+        root = project(prepared, tmp_path / name)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["model"]["arch_options"] = {"dropout": 0.5}
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        first = mtl_train(root, fault)
+        assert first.returncode == (-9 if fault else 0), first.stderr[-3000:]
+        if fault:
+            resumed = mtl_train(root)
+            assert resumed.returncode == 0, resumed.stderr[-3000:]
+            assert "epoch 2, step 2 of it" in resumed.stderr
+        runs[name] = root
+    assert_same_training(runs["killed"], runs["uninterrupted"])
