@@ -269,8 +269,9 @@ class ModelConfig(_Strict):
     )
     arch_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keyword arguments of the architecture, e.g. mmoe {num_experts: 4, expert_dim: 256}, "
-        "cross_stitch {alpha_same: 0.9}; option names are checked at load.",
+        description="Keyword arguments of the architecture, e.g. hard_sharing {dropout: 0.1} (on the shared "
+        "features, before the heads), mmoe {num_experts: 4, expert_dim: 256}, cross_stitch {alpha_same: 0.9}; "
+        "option names are checked at load.",
     )
     backbone: str = Field(
         "resnet18",
