@@ -92,6 +92,8 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
         version = version_of_run(client, name, run_id, weights_sha)
         if version is not None:
             log.info("register: run %s already has version %s of these weights; finishing it", run_id, version)
+            for key, value in version_tags.items():  # an earlier attempt's version: this attempt's verdict
+                client.set_model_version_tag(name, version, key, value)
         else:
             model_uri = logged_model_of_run(run, weights_sha)
             if model_uri is None:
@@ -101,8 +103,6 @@ def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
             version = str(mlflow.register_model(model_uri, name, tags={**version_tags, DECISION_TAG: PENDING}).version)
             fault_point("register.after_create_version")
 
-        for key, value in version_tags.items():  # a version an earlier attempt created: this attempt's verdict
-            client.set_model_version_tag(name, version, key, value)
         majority = {t: (m / n if n else float("nan")) for t, (m, n) in majority_counts(test_labels, tasks).items()}
         verdict = "passed" if gate.passed else f"refused ({gate.describe()})"
         if gate.at_chance:
