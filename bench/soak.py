@@ -87,6 +87,9 @@ def env_for(project: Path, fault: str | None = None) -> dict[str, str]:
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MTL_FAULT", None)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # the clone's own mtl_core, not the working tree's that the virtual environment points at (an
+    # editable install): each kill runs the code as it was when the soak started
+    env["PYTHONPATH"] = str(project)
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"
     if fault:
         env["MTL_FAULT"] = fault
