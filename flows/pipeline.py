@@ -21,7 +21,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
+from mtl_core.config import load_config
 from mtl_core.pipeline import STAGES
+from mtl_core.stopping import parent_death_signal
+from mtl_core.tracking.store import check_store, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 METRICS_ARTIFACT_KEY = "per-task-test-metrics"
@@ -50,9 +53,11 @@ def run_dvc_stage(stage: str, project_dir: Path) -> State:
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     logger.info("running %s in %s", " ".join(cmd[2:]), project_dir)
+    # SIGTERM to `dvc repro` when this flow run's process ends (cancelled, stopped): DVC does not forward
+    # it, and the stage it runs stops with DVC (mtl_core.stopping), its workers with it
     proc = subprocess.Popen(
         cmd, cwd=project_dir, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace", bufsize=1,
+        text=True, errors="replace", bufsize=1, preexec_fn=parent_death_signal if sys.platform == "linux" else None,
     )  # fmt: skip
     skipped = None
     assert proc.stdout is not None
@@ -128,6 +133,9 @@ def publish_metrics(project_dir: Path) -> list[dict[str, object]]:
 def mtl_pipeline(project_dir: str = str(PROJECT_ROOT)) -> list[dict[str, object]]:
     """Every stage of dvc.yaml in order, each through DVC, then publish the per-task metrics."""
     root = Path(project_dir).resolve()
+    # the MLflow store answers and can be written, or the flow fails now with one line (not after ingest,
+    # preprocess and a training have run, at the first stage that logs)
+    check_store(tracking_uri(load_config(root / "params.yaml"), root))
     skipped = []
     for name in STAGES:
         state = stage_tasks[name](name, root, return_state=True)

@@ -8,7 +8,26 @@ import logging
 import os
 import sys
 
-KNOWN_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, RuntimeError)
+KNOWN_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, RuntimeError)
+"""What a stage raises for something the user can act on: one `mtl <stage>: error:` line (the traceback
+with --verbose). OSError covers files (not found, permissions) and full disks (`describe_error`)."""
+
+
+def describe_error(err: BaseException) -> str:
+    """The error's one line: its own message; for a full disk, the file and the space left on its disk."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) and err.filename:
+        from pathlib import Path
+
+        from mtl_core.data.disk import free_bytes, human_bytes
+
+        path = Path(err.filename)
+        return (
+            f"{path}: {err.strerror or 'no space left on device'} ({human_bytes(free_bytes(path.parent))} free on "
+            "that disk now); free some space and rerun: nothing written before it is lost"
+        )
+    return str(err)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -21,6 +40,11 @@ def _setup_logging(verbose: bool) -> None:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow.store", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # MLflow logs each failed store call with its traceback before raising it; the stage reports the
+        # failure itself, in one line (tracking.store, training.sink): the tracebacks only with --verbose
+        for logger in ("mlflow.store.db.utils", "mlflow.utils.rest_utils", "mlflow.tracking._tracking_service.client"):
+            logging.getLogger(logger).setLevel(logging.CRITICAL)
 
 
 def build_parser(stages: bool = True) -> argparse.ArgumentParser:
@@ -124,6 +148,18 @@ def _audit(args: argparse.Namespace) -> None:
         print(f"{task}: {report['suspects']} suspected label problems: reports/label_audit/{task}.csv")
 
 
+def _check_store(params: str, root: str) -> None:
+    """The MLflow store answers and can be written, before the stage does any work (StoreError if not)."""
+    from pathlib import Path
+
+    from mtl_core.config import load_config
+    from mtl_core.tracking.store import check_store, tracking_uri
+
+    root_path = Path(root).resolve()
+    params_path = Path(params) if Path(params).is_absolute() else root_path / params
+    check_store(tracking_uri(load_config(params_path), root_path))
+
+
 def _command(argv: list[str]) -> str | None:
     """The subcommand of `argv` (its first word that is not an option: `mtl` takes only -v / --help)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -134,20 +170,39 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(stages=_command(argv) != "predict").parse_args(argv)
     _setup_logging(args.verbose)
+    from mtl_core.stopping import StageStopped, exit_with_launcher, install_stop_handlers, restore_handlers
+
+    previous = {}
+    if args.command != "predict":
+        previous = install_stop_handlers()
+        exit_with_launcher()
     try:
         if args.command == "predict":
             _predict(args)
         elif args.command == "audit-labels":
             _audit(args)
         else:
-            from mtl_core.pipeline import run_stage
+            from mtl_core.pipeline import LOGGING_STAGES, run_stage
 
+            if args.command in LOGGING_STAGES:
+                _check_store(args.params, args.root)
             run_stage(args.command, args.params, args.root, fresh=getattr(args, "fresh", False))
+    except StageStopped as stop:
+        if args.verbose:
+            raise
+        print(
+            f"mtl {args.command}: {stop.reason}: the stage and its worker processes ended, nothing is written "
+            "after the stop; run it again to finish (a training resumes from its last checkpoint)",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     except KNOWN_ERRORS as err:
         if args.verbose:
             raise
-        print(f"mtl {args.command}: error: {err}", file=sys.stderr)
+        print(f"mtl {args.command}: error: {describe_error(err)}", file=sys.stderr)
         return 2
+    finally:
+        restore_handlers(previous)
     return 0
 
 

@@ -254,6 +254,14 @@ class PreprocessConfig(_Strict):
         "flips (the built-in position task) and hue shifts (color).",
     )
 
+    @field_validator("augment")
+    @classmethod
+    def _augment_fits_the_image(cls, v: list[AugmentStep], info: ValidationInfo) -> list[AugmentStep]:
+        """Built and applied to an image of `image_size` at load (config_names.check_augment)."""
+        if "image_size" in info.data:  # else the size itself is invalid (reported on its own)
+            config_names.check_augment([(s.name, s.kwargs) for s in v], info.data["image_size"])
+        return v
+
 
 class ModelConfig(_Strict):
     arch: str = Field(
@@ -263,8 +271,9 @@ class ModelConfig(_Strict):
     )
     arch_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keyword arguments of the architecture, e.g. mmoe {num_experts: 4, expert_dim: 256}, "
-        "cross_stitch {alpha_same: 0.9}; option names are checked at load.",
+        description="Keyword arguments of the architecture, e.g. hard_sharing {dropout: 0.1} (on the shared "
+        "features, before the heads), mmoe {num_experts: 4, expert_dim: 256}, cross_stitch {alpha_same: 0.9}; "
+        "option names are checked at load.",
     )
     backbone: str = Field(
         "resnet18",
@@ -317,7 +326,9 @@ class ModelConfig(_Strict):
 
     @field_validator("pretrained")
     @classmethod
-    def _weights_file(cls, v: bool | str) -> bool | str:
+    def _weights_file(cls, v: bool | str, info: ValidationInfo) -> bool | str:
+        if "backbone" in info.data:  # else the backbone itself is invalid (reported on its own)
+            config_names.check_pretrained(info.data["backbone"], v)
         if isinstance(v, str):
             v = v.strip()
             if not v.lower().endswith(cls.WEIGHT_SUFFIXES):
@@ -683,12 +694,17 @@ class ScheduleConfig(_Strict):
     )
     timezone: str = Field("UTC", description="The time zone of the cron expression.")
 
+    # checked as the deployment's scheduler checks them (Prefect's CronSchedule: its croniter, zoneinfo),
+    # so that a typo fails at load rather than when the deployment is created
     @field_validator("cron")
     @classmethod
-    def _five_fields(cls, v: str) -> str:
-        if len(v.split()) != 5:
-            raise ValueError(f"a cron expression has 5 fields (minute hour day month weekday), got {v!r}")
-        return v
+    def _valid_cron(cls, v: str) -> str:
+        return config_names.check_cron(v)
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, v: str) -> str:
+        return config_names.check_timezone(v)
 
 
 with warnings.catch_warnings():

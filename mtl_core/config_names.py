@@ -13,6 +13,7 @@ at this module): editing a weighting method reruns train, not ingest.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Iterable
 from typing import Any
@@ -128,3 +129,124 @@ def check_weighting_options(name: str, v: dict[str, Any]) -> dict[str, Any]:
         noun = "option" if len(unknown) == 1 else "options"
         raise ValueError(_unknown(f"{name} has no {noun}", unknown, allowed, "allowed"))
     return v
+
+
+def check_pretrained(backbone: str, pretrained: bool | str) -> None:
+    """`model.pretrained: true` asks the backbone's library for its weights: refused for a backbone
+    that has none (the project's small_cnn), which would otherwise train from random init while the
+    spec and MLflow record `pretrained: true`."""
+    if pretrained is not True:
+        return
+    from mtl_core.models.backbones import resolve_backbone
+
+    if resolve_backbone(backbone).weights is None:
+        raise ValueError(
+            f"model.backbone {backbone!r} has no pretrained weights: set model.pretrained: false, or give a "
+            "local weights file (model.pretrained: <file>.safetensors) of this network"
+        )
+
+
+@functools.cache
+def _prefect_croniter() -> Any:
+    """The croniter that Prefect's CronSchedule validates with (prefect/_vendor/croniter): read from its
+    file without importing the prefect package (1.3 s of imports on every params load otherwise)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("prefect")
+    vendored = Path(spec.origin).parent / "_vendor" / "croniter" / "croniter.py" if spec and spec.origin else None
+    if vendored is None or not vendored.is_file():  # another Prefect layout: its own validator, imported
+        from prefect._vendor.croniter import croniter
+
+        return croniter
+    module_spec = importlib.util.spec_from_file_location("_mtl_prefect_croniter", vendored)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.croniter
+
+
+def check_cron(v: str) -> str:
+    """`schedule.cron` as Prefect's CronSchedule checks it (prefect._internal.schemas.validators:
+    croniter.is_valid, and no random / hashed `R`, `H` fields), five fields."""
+    if len(v.split()) != 5:
+        raise ValueError(f"a cron expression has 5 fields (minute hour day month weekday), got {v!r}")
+    if not _prefect_croniter().is_valid(v) or any(c.casefold() in ("r", "h") for c in v.split()):
+        raise ValueError(
+            f"not a valid cron expression for Prefect's scheduler: {v!r} (minute 0-59, hour 0-23, day 1-31, "
+            "month 1-12, weekday 0-6; e.g. '0 3 * * 1' is Mondays at 03:00)"
+        )
+    return v
+
+
+def check_timezone(v: str) -> str:
+    """`schedule.timezone` as Prefect checks it: an IANA name of `zoneinfo.available_timezones()`."""
+    import zoneinfo
+
+    zones = zoneinfo.available_timezones()
+    if v not in zones:
+        close = difflib.get_close_matches(v, sorted(zones), n=3)
+        hint = f" (did you mean {_one_of(close)}?)" if close else " (an IANA name such as UTC, Europe/Paris, America/New_York)"
+        raise ValueError(f"unknown time zone {v!r}{hint}")
+    return v
+
+
+def _forced(cls: type, kwargs: dict[str, Any]) -> Any:
+    """The transform with probability 1, so that a check sees what it does whenever it applies."""
+    return cls(**{**kwargs, "p": 1.0})
+
+
+def check_augment(steps: list[tuple[str, dict[str, Any]]], image_size: int) -> None:
+    """Each `preprocess.augment` step built with Albumentations and applied (with p = 1) to images of the
+    configured size, at load: an unknown transform or argument, a transform that fails on an image of
+    this size (RandomCrop larger than the image) or one that changes its size is refused here, before
+    ingest and preprocess run. A size-changing transform is refused rather than applied to every split:
+    validation, test and serving see preprocess.image_size images, and the training images must too."""
+    if not steps:
+        return
+    import os
+    import warnings
+
+    import numpy as np
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+    transforms = []
+    for index, (name, kwargs) in enumerate(steps):
+        where = f"preprocess.augment[{index}] ({name})"
+        cls = getattr(A, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+            close = difflib.get_close_matches(name, [n for n in dir(A) if not n.startswith("_")], n=3)
+            raise ValueError(
+                f"preprocess.augment[{index}]: unknown Albumentations transform {name!r}"
+                + (f" (did you mean {_one_of(close)}?)" if close else "")
+            )
+        try:
+            with warnings.catch_warnings():
+                # Albumentations only warns about unknown arguments and then ignores them: refuse instead.
+                warnings.filterwarnings("error", message=".*are not valid for transform", category=UserWarning)
+                cls(**kwargs)
+                transforms.append((where, _forced(cls, kwargs)))
+        except Exception as err:  # albumentations validates arguments with pydantic / plain TypeErrors
+            raise ValueError(f"{where}: invalid arguments {kwargs}: {' '.join(str(err).split())}") from None
+    for draw in range(3):  # random parameters: a few draws of the whole chain, every step applied
+        out = image
+        for where, transform in transforms:
+            transform.set_random_seed(draw)
+            size = f"{out.shape[1]}x{out.shape[0]}"
+            try:
+                out = transform(image=out)["image"]
+            except Exception as err:
+                raise ValueError(
+                    f"{where} fails on a {size} image (preprocess.image_size {image_size}): "
+                    f"{type(err).__name__}: {' '.join(str(err).split())}"
+                ) from None
+        if out.shape != image.shape:
+            raise ValueError(
+                f"preprocess.augment changes the image size from {image_size}x{image_size} to "
+                f"{out.shape[1]}x{out.shape[0]}: validation, test and serving see preprocess.image_size images, "
+                "so training must too; set preprocess.image_size for the size you want, or use transforms that "
+                f"keep the size (RandomResizedCrop with size: [{image_size}, {image_size}], Affine)"
+            )

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # what everything stands on: where files are, the tasks and their labels, the device and the
-    # distributed context, fault injection for tests, file hashes
-    ("base", ("mtl_core", "mtl_core.paths", "mtl_core.tasks", "mtl_core.runtime", "mtl_core.faults", "mtl_core.hashing")),
+    # distributed context, fault injection for tests, file hashes, stopping on a signal
+    ("base", ("mtl_core", "mtl_core.paths", "mtl_core.tasks", "mtl_core.runtime", "mtl_core.faults", "mtl_core.hashing", "mtl_core.stopping")),
     # the pluggable pieces and pure functions of plain values: networks, weighting methods, figures,
     # the built-in datasets, image decoding, probability calibration
     ("components", (

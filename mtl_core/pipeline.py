@@ -39,6 +39,11 @@ def stage_function(name: str) -> Callable[[PipelineConfig, Path], Any]:
     return getattr(importlib.import_module(module), func)
 
 
+LOGGING_STAGES = ("train", "evaluate", "register", "baselines", "all_in_one", "compare")
+"""The stages that write to the MLflow tracking store: the CLI and the flow check the store before they
+start one (tracking.store.check_store), so that a store that is down, locked or read-only fails the stage
+at once, not after its work."""
+
 TRAINING_STAGES = ("train", "baselines", "all_in_one")
 """The stages that checkpoint and resume after a kill (they take `fresh=True` to start over) and that
 describe their fits as a plan: `plan(cfg, paths)` in the stage's module (training.plan)."""

@@ -132,7 +132,7 @@ def test_unknown_arch_option_lists_the_allowed_ones_per_arch():
     assert config_from_dict({"model": {"arch": "cross_stitch", "arch_options": {"alpha_same": 0.8}}})
     msg = _error({"model": {"arch": "cross_stitch", "arch_options": {"num_experts": 2}}})
     assert _listed(msg, "allowed") == ["alpha_same", "task_specific_branches"]
-    assert "allowed: none" in _error({"model": {"arch_options": {"num_experts": 2}}})  # hard_sharing takes none
+    assert "allowed: dropout (got" in _error({"model": {"arch_options": {"num_experts": 2}}})  # hard_sharing: one
     # the backbone arguments are set by model.backbone / pretrained / stem, not as options
     assert "has no option 'backbone'" in _error({"model": {"arch": "mmoe", "arch_options": {"backbone": "x"}}})
 

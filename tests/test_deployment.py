@@ -5,6 +5,8 @@ line by line while a stage runs, and a stage DVC skipped shown as `Skipped`."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -354,3 +356,87 @@ def test_stage_output_is_streamed_to_the_run_log_and_a_skipped_stage_says_so(pre
     assert "up to date" in again["state"]["message"]
     assert any(m.startswith("stage gated skipped: DVC") for m in messages), messages
     assert "RESULT ['Completed', 'Skipped']" in log_path.read_text()  # what the pipeline flow reads
+
+
+STOPPABLE_STAGE = textwrap.dedent(
+    """
+    import os, pathlib, time
+    from mtl_core.stopping import StageStopped, exit_with_launcher, install_stop_handlers
+
+    install_stop_handlers()  # what `mtl` does for a stage
+    exit_with_launcher()
+    pathlib.Path("started").write_text(str(os.getpid()))
+    try:
+        while True:
+            time.sleep(0.1)
+    except StageStopped as stop:
+        pathlib.Path("stopped").write_text(stop.reason)
+    """
+)
+
+ONCE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from prefect import flow
+    from flows.pipeline import stage_task
+
+    @flow(name="stoppable-stage")
+    def once(root: str) -> None:
+        stage_task("long")("long", Path(root))
+
+    once(sys.argv[1])
+    """
+)
+
+
+@pytest.mark.timeout(240)
+def test_stopping_the_flow_run_stops_dvc_and_its_stage(prefect_server, tmp_path: Path):
+    """The process running a flow run SIGTERMed (what cancelling it or stopping its runner ends in): the
+    `dvc repro` it started gets its parent-death signal, and the stage under DVC (here a stand-in that
+    stops as `mtl` does: mtl_core.stopping) sees DVC gone and stops; the whole group ends in seconds."""
+    url, _ = prefect_server
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {**stage_env(project), "PREFECT_API_URL": url, "PYTHONPATH": str(REPO_ROOT)}
+    (project / "stage.py").write_text(STOPPABLE_STAGE)
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"long": {"cmd": f"{sys.executable} stage.py", "deps": ["stage.py"], "outs": ["out.txt"]}}}))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, env=env, check=True)
+    log_path = tmp_path / "flow.log"
+    with open(log_path, "w") as log:
+        flow = subprocess.Popen(
+            [sys.executable, "-c", ONCE, str(project)], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 180
+            while not (project / "started").exists():
+                assert flow.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+                time.sleep(0.2)
+            os.kill(flow.pid, signal.SIGTERM)  # the flow run's process only
+            start = time.monotonic()
+            while _group(flow.pid):
+                flow.poll()
+                assert time.monotonic() - start < 20, f"still running: {_group(flow.pid)}\n" + log_path.read_text()[-3000:]
+                time.sleep(0.2)
+        finally:
+            for pid in _group(flow.pid):
+                os.kill(pid, signal.SIGKILL)
+    assert (project / "stopped").read_text() == "stopped by SIGTERM"
+    assert not (project / "out.txt").exists()
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (zombies waiting to be reaped left out)."""
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_bytes()
+            if os.getpgid(int(name)) == pgid and stat.rsplit(b")", 1)[1].split()[0] != b"Z":
+                members.append(int(name))
+        except OSError:
+            pass
+    return members

@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from mtl_core.config import PipelineConfig, load_config
 from mtl_core.paths import ProjectPaths
 from mtl_core.pipeline import run_stage
-from mtl_core.registry.versions import CHAMPION, GATE_FAILURES_TAG, GATE_REASON_TAG, GATE_TAG, SCORE_TAG
+from mtl_core.registry.versions import (
+    CHAMPION, DECISION_TAG, GATE_FAILURES_TAG, GATE_REASON_TAG, GATE_TAG, PENDING, SCORE_TAG, TEST_DATA_TAG,
+)  # fmt: skip
 from mtl_core.stages.register import run_register
 from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.tracking.runs import read_run_info, write_run_info
@@ -358,8 +360,9 @@ def test_non_finite_metrics_are_refused(fresh):
 
 
 def test_register_killed_after_creating_the_version_finishes_it_on_rerun(fresh):
-    """`mtl register` SIGKILLed right after `register_model` (version 1 exists, untagged, no alias, the
-    run left RUNNING); the rerun finds version 1 by the run's id and finishes it: no version 2."""
+    """`mtl register` SIGKILLed right after `register_model` (version 1 exists with its gate verdict and
+    its decision pending, no alias, the run left RUNNING); the rerun finds version 1 by the run's id and
+    finishes it: no version 2."""
     root, cfg, paths = fresh
     name = cfg.mlflow.model_name
     _above_chance_metrics(paths)
@@ -374,7 +377,7 @@ def test_register_killed_after_creating_the_version_finishes_it_on_rerun(fresh):
     client = MlflowClient()
     (version,) = client.search_model_versions(f"name='{name}'")
     assert (str(version.version), version.run_id) == ("1", run_id)
-    assert SCORE_TAG not in version.tags and GATE_TAG not in version.tags
+    assert version.tags[GATE_TAG] == "passed" and version.tags[DECISION_TAG] == PENDING  # recorded at creation
     assert _no_champion(client, name) and not paths.registry_report.exists()
     assert client.get_run(run_id).info.status == "RUNNING"
 
@@ -384,7 +387,133 @@ def test_register_killed_after_creating_the_version_finishes_it_on_rerun(fresh):
     tags = client.get_model_version(name, "1").tags
     assert tags[GATE_TAG] == "passed" and float(tags[SCORE_TAG]) == json.loads(paths.test_metrics.read_text())["mean"]["accuracy"]
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    assert tags[DECISION_TAG] == "no previous champion; version 1 is champion"
     report = json.loads(paths.registry_report.read_text())
     assert (report["version"], report["champion_moved"], report["run_id"]) == ("1", True, run_id)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(_logged_models(client, run_id)) == 1  # the pyfunc model was not logged a second time
+
+
+def _set_params(root: Path, update: dict) -> PipelineConfig:
+    import yaml
+
+    from tests.conftest import deep_update
+
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(deep_update(yaml.safe_load(path.read_text()), update), sort_keys=False))
+    return load_config(path)
+
+
+@pytest.mark.timeout(900)
+def test_a_champion_is_only_compared_with_the_same_tasks_on_the_same_test_split(fresh, tiny_data: Path, tmp_path: Path):
+    """The registry holds the four-task model as champion. A model of other tasks (color, size only) is
+    registered but never moves the alias, whether its mean accuracy would have won
+    or lost; the reason names the mlflow.model_name to set, under which it becomes champion. The same
+    four tasks scored on another test split do not move it either."""
+    from tests.conftest import project_from
+
+    root, cfg, paths = fresh
+    name = cfg.mlflow.model_name
+    _above_chance_metrics(paths)
+    assert run_register(cfg, root).champion_moved  # version 1, four tasks: champion
+    client = MlflowClient()
+
+    # a model of other tasks, logging into the same store
+    other = project_from(tiny_data, tmp_path / "other", {
+        "data": {"tasks": ["color", "size"]}, "train": {"epochs": 1},
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+    })  # fmt: skip
+    for stage in ("ingest", "preprocess", "train", "evaluate"):
+        run_stage(stage, root=other)
+    other_cfg, other_paths = load_config(other / "params.yaml"), ProjectPaths(other)
+    _above_chance_metrics(other_paths)
+    suggested = f"{name}-color-size"
+    for would_win, version in ((True, "2"), (False, "3")):
+        if version == "3":
+            _retrained(other_cfg, other)  # another run: a version of its own
+        _set_mean_accuracy(other_paths, 0.999 if would_win else 0.001)
+        report = run_register(other_cfg, other)
+        assert (report.version, report.champion_moved, report.champion_version) == (version, False, "1")
+        assert report.reason.startswith(
+            f"version {version} predicts tasks color, size, champion version 1 predicts color, position, shape, size: "
+            "their accuracies are not comparable"
+        ), report.reason
+        assert f"set mlflow.model_name (e.g. '{suggested}') in params.yaml" in report.reason
+        assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+        assert client.get_model_version(name, version).tags[DECISION_TAG] == report.reason
+    # under the name it suggests, the model is registered and champion of its own
+    own = run_register(_set_params(other, {"mlflow": {"model_name": suggested}}), other)
+    assert (own.model_name, own.version, own.champion_moved) == (suggested, "1", True)
+
+    # the same four tasks, scored on another test split: not compared either
+    cfg = _set_params(root, {"data": {"split": {"seed": 7}}})
+    for stage in ("ingest", "preprocess", "evaluate"):
+        run_stage(stage, root=root)
+    _retrained(cfg, root)
+    _above_chance_metrics(paths)
+    _set_mean_accuracy(paths, 0.999)
+    report = run_register(cfg, root)
+    assert (report.version, report.champion_moved, report.champion_version) == ("4", False, "1")
+    assert report.reason.startswith("version 4 was evaluated on another test split than champion version 1"), report.reason
+    assert client.get_model_version(name, "4").tags[TEST_DATA_TAG] != client.get_model_version(name, "1").tags[TEST_DATA_TAG]
+
+
+@pytest.mark.timeout(900)
+def test_a_register_killed_after_creating_its_version_is_finished_by_the_next_pipeline(fresh):
+    """`mtl register` SIGKILLed after `Created version`, then train.lr changes and the pipeline reruns:
+    the earlier run, whose training had finished, is marked FINISHED (not FAILED), and the next register
+    takes the earlier version's champion decision before its own. The train stage's orphan sweep leaves
+    a run held by a live process RUNNING, and fails one whose process is gone."""
+    root, cfg, paths = fresh
+    name = cfg.mlflow.model_name
+    _above_chance_metrics(paths)
+    first_run = read_run_info(paths)["run_id"]
+    killed = subprocess.run(
+        ["mtl", "register"], cwd=root, env={**stage_env(root), "MTL_FAULT": FAULT}, capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    mlflow.set_tracking_uri(tracking_uri(cfg, root))
+    client = MlflowClient()
+    run = client.get_run(first_run)
+    assert (run.info.status, run.data.tags["mtl.open_by"], run.data.tags["mtl.trained"]) == ("RUNNING", "register", "true")
+    assert run.data.tags["mtl.pid"] != str(__import__("os").getpid())
+
+    # two more RUNNING runs of the train stage on this host: one held by a live process, one by a dead one
+    from mtl_core.tracking.runs import process_tags
+
+    live = subprocess.Popen(["sleep", "600"])
+    done = subprocess.Popen(["true"])
+    done.wait()
+    try:
+        held = {}
+        for label, pid in (("live", live.pid), ("dead", done.pid)):
+            tags = {**process_tags("train"), "mtl.stage": "train", "mtl.pid": str(pid)}
+            tags.pop("mtl.pid_start")
+            if label == "live":
+                from mtl_core.tracking.runs import _process_start
+
+                tags["mtl.pid_start"] = _process_start(pid)
+            held[label] = client.create_run(run.info.experiment_id, tags=tags).info.run_id
+
+        cfg = _set_params(root, {"train": {"lr": 0.004, "epochs": 1}})
+        run_stage("train", root=root)
+        statuses = {k: client.get_run(v).info.status for k, v in held.items()}
+        assert statuses == {"live": "RUNNING", "dead": "FAILED"}
+    finally:
+        live.kill()
+        live.wait()
+    old = client.get_run(first_run)
+    assert old.info.status == "FINISHED"  # its training finished: a killed register does not make it FAILED
+    assert old.data.tags["mtl.interrupted_stage"] == "register (its process died)"
+    assert "mtl.failed_reason" not in old.data.tags
+
+    run_stage("evaluate", root=root)
+    _above_chance_metrics(paths)
+    report = run_register(cfg, root)
+    first = client.get_model_version(name, "1")
+    assert first.tags[DECISION_TAG] == "no previous champion; version 1 is champion"  # decided by this register
+    assert report.version == "2" and report.previous_champion_version == "1"
+    assert report.champion_version == ("2" if report.champion_moved else "1")
+    assert client.get_model_version(name, "2").tags[DECISION_TAG] == report.reason
+    running = client.search_runs([old.info.experiment_id], "attributes.status = 'RUNNING'")
+    assert [r.info.run_id for r in running] == [held["live"]]

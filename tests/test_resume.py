@@ -8,6 +8,7 @@ the rerun resumes, and its results are compared bit for bit with an uninterrupte
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -222,3 +223,52 @@ def test_the_baselines_stage_resumes_per_task(prepared: Path, tmp_path: Path) ->
     report = __import__("json").loads((root / "reports" / "single_task_metrics.json").read_text())
     assert sorted(report["tasks"]) == ["color", "position", "shape", "size"]
     assert not (root / "checkpoints" / "baselines").exists()
+
+
+@pytest.mark.timeout(600)
+def test_an_unreadable_checkpoint_starts_a_new_run_and_fails_the_old_one(prepared: Path, tmp_path: Path, caplog) -> None:
+    """Killed in epoch 2 (epoch 1 logged), then the checkpoint is garbage: training again from epoch 1 in
+    the killed run would give its history two values for epoch 1. A new run trains; the old one is
+    FAILED with the reason; each run's history holds each epoch once."""
+    root = project(prepared, tmp_path)
+    assert mtl_train(root, f"train.after_step:{STEPS_PER_EPOCH + 3}").returncode == -9
+    _, (killed,) = train_runs(root)
+    last = root / "checkpoints" / "train" / "last.pt"
+    last.write_bytes(b"not a checkpoint" * 100)
+
+    with caplog.at_level(logging.INFO):
+        run_stage("train", root=root)
+    assert "ignoring the unreadable checkpoint" in caplog.text
+    assert f"MLflow run {killed.info.run_id} marked FAILED (unreadable checkpoint); training from epoch 1 in a new run" in caplog.text
+    assert "killed before its first checkpoint" not in caplog.text
+    client, runs = train_runs(root)
+    by_id = {r.info.run_id: r for r in runs}
+    old = by_id.pop(killed.info.run_id)
+    (new,) = by_id.values()
+    assert (old.info.status, old.data.tags["mtl.failed_reason"]) == ("FAILED", "unreadable checkpoint")
+    assert new.info.status == "FINISHED"
+    for key in ("val/mean/accuracy", "train/mean/loss"):
+        assert [m.step for m in client.get_metric_history(old.info.run_id, key)] == [1], key
+        assert sorted(m.step for m in client.get_metric_history(new.info.run_id, key)) == [1, 2], key
+    assert json.loads((root / "models" / "mlflow_run.json").read_text())["run_id"] == new.info.run_id
+
+
+@pytest.mark.timeout(600)
+def test_a_run_that_draws_from_the_global_generators_resumes_exactly(prepared: Path, tmp_path: Path) -> None:
+    """Dropout before the heads draws from torch's global generator at every step: the resumed run equals
+    the uninterrupted one only because the checkpoint's saved generator states are restored (without
+    training.state.restore_rng the masks after the resume differ, and so do the weights)."""
+    runs = {}
+    for name, fault in (("uninterrupted", None), ("killed", f"train.after_step:{STEPS_PER_EPOCH + 3}")):
+        root = project(prepared, tmp_path / name)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["model"]["arch_options"] = {"dropout": 0.5}
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        first = mtl_train(root, fault)
+        assert first.returncode == (-9 if fault else 0), first.stderr[-3000:]
+        if fault:
+            resumed = mtl_train(root)
+            assert resumed.returncode == 0, resumed.stderr[-3000:]
+            assert "epoch 2, step 2 of it" in resumed.stderr
+        runs[name] = root
+    assert_same_training(runs["killed"], runs["uninterrupted"])

@@ -230,12 +230,16 @@ def spool_paths(spool: Path, rows: set[int]) -> dict[int, str]:
 def write_manifest(spool: Path, manifest: Path, header: list[str], keep: np.ndarray, which: np.ndarray) -> None:
     """Pass 2: the kept rows of the spool, with their split, to the manifest (atomically)."""
     tmp = manifest.with_name(manifest.name + ".tmp")
-    with open(spool, newline="", encoding="utf-8") as f, open(tmp, "w", newline="", encoding="utf-8") as out:
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(header)
-        for i, record in enumerate(csv.reader(f)):
-            if keep[i]:
-                writer.writerow([*record[:-1], SPLITS[which[i]]])  # the last: the path as the CSV gave it
+    try:
+        with open(spool, newline="", encoding="utf-8") as f, open(tmp, "w", newline="", encoding="utf-8") as out:
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(header)
+            for i, record in enumerate(csv.reader(f)):
+                if keep[i]:
+                    writer.writerow([*record[:-1], SPLITS[which[i]]])  # the last: the path as the CSV gave it
+    except BaseException:  # a full disk, a stop: no half-written temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, manifest)
 
 
@@ -243,3 +247,53 @@ def write_rejected(rejected: list[tuple[int, str, str]], path: Path) -> pd.DataF
     frame = pd.DataFrame(rejected, columns=["row", PATH_COLUMN, "reason"]).sort_values("row", kind="stable")
     frame.to_csv(path, index=False)
     return frame.reset_index(drop=True)
+
+
+def _as_number(label: str) -> float | None:
+    try:
+        value = float(label)
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None
+
+
+def numeric_label_clashes(csv_path: Path, scan: Scan, a: dict[str, np.ndarray]) -> None:
+    """Refuse labels of one task that are the same number written two ways (`1` and `1.0`, `2` and
+    `02`): each spelling would be a class of its own, so one class would be split in two without a word
+    (a spreadsheet that wrote some cells as floats). Refused rather than merged: which spelling is the
+    class's name is the user's call, and the fix is one search-and-replace in the CSV."""
+    problems = []
+    for k, task in enumerate(scan.cols.tasks):
+        by_value: dict[float, list[str]] = {}
+        for label in scan.vocab[k]:
+            if (value := _as_number(label)) is not None:
+                by_value.setdefault(value, []).append(label)
+        for spellings in by_value.values():
+            if len(spellings) < 2:
+                continue
+            codes = a["codes"][:, k]
+            first = {label: int(a["lines"][np.argmax(codes == scan.vocab[k][label])]) for label in spellings}
+            shown = " and ".join(f"{label!r} (first on line {line})" for label, line in sorted(first.items(), key=lambda x: x[1]))
+            problems.append(f"task '{task}': labels {shown} are the same number written {len(spellings)} ways")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise IngestError(
+            f"{csv_path}: {'; '.join(problems[:5])}{more}; they would be separate classes. Write each class one "
+            "way in the CSV (e.g. all '1', or all '1.0'), then run ingest again"
+        )
+
+
+def classes_missing_from_training(codes: np.ndarray, vocab: list[list[str]], tasks: list[str], which: np.ndarray) -> dict[str, dict[str, list[str]]]:
+    """Per task, the classes of the val and test splits that no training row has: the model can never
+    answer them, so every such image is an error, and their share of the metrics says nothing about
+    learning. A property of the data (too few images per class): a warning, not a refusal."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for k, task in enumerate(tasks):
+        column = codes[:, k]
+        trained = set(np.unique(column[(which == SPLITS.index("train")) & (column >= 0)]).tolist())
+        for split in ("val", "test"):
+            present = np.unique(column[(which == SPLITS.index(split)) & (column >= 0)]).tolist()
+            missing = sorted(vocab[k][c] for c in present if c not in trained)
+            if missing:
+                out.setdefault(task, {})[split] = missing
+    return out

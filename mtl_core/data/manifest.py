@@ -132,7 +132,16 @@ class ManifestFile:
         except UnicodeDecodeError:
             raise IngestError(self._decode_message()) from None
         except csv.Error as err:
-            raise IngestError(f"{self.path} line {reader.line_num}: not a readable CSV: {err}") from None
+            # the record that fails started on line `start`: an unterminated quote is only noticed at the
+            # end of the file, where the reader has gone looking for the closing quote
+            if "unexpected end of data" in str(err):
+                raise IngestError(
+                    f"{self.path} line {start}: not a readable CSV: a quoted cell opened on line {start} is never "
+                    f"closed (the reader ran to the end of the file, line {reader.line_num}, looking for its "
+                    "closing quote); close the quote, or write a quote inside a quoted cell as \"\""
+                ) from None
+            where = f"line {start}" if reader.line_num <= start else f"line {start} (to line {reader.line_num})"
+            raise IngestError(f"{self.path} {where}: not a readable CSV: {err}") from None
 
     def records(self) -> Iterator[tuple[int, list[str]]]:
         """The data records (after the header), each padded or left as long as it is."""

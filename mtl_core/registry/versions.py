@@ -9,7 +9,10 @@ and reuses the run's logged pyfunc model instead of logging it again.
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import importlib.metadata
+import json
 from pathlib import Path
 
 import mlflow
@@ -99,3 +102,63 @@ def log_model(spec: Path, weights: Path, example_images: Path, weights_sha: str)
         tags={WEIGHTS_TAG: weights_sha},
     )
     return info.model_uri
+
+
+TASK_SET_TAG = "mtl.task_set"  # {task: [classes]} as JSON (cut to MAX_TAG_VALUE: for reading)
+TASK_SET_SHA_TAG = "mtl.task_set_sha256"  # what versions are compared by
+TEST_DATA_TAG = "mtl.test_data_sha256"  # the test split the version was evaluated on (test_split_sha256)
+DECISION_TAG = "mtl.champion_decision"
+"""'pending' from the version's creation until its champion decision is taken, then the decision's
+reason: a register stage killed in between leaves it pending, and the next register stage takes it
+(registry.champion.finish_pending), whatever model that stage registers."""
+PENDING = "pending"
+
+
+def task_set_sha256(tasks: dict[str, list[str]]) -> str:
+    """The task set (names and classes; the order of the tasks does not matter) as one hash."""
+    return hashlib.sha256(json.dumps(tasks, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def test_split_sha256(manifest: Path, tasks: list[str]) -> str:
+    """The test split of the ingested manifest (data/ingested/manifest.csv): its rows' image paths and
+    labels of `tasks`, in order, as one hash. Two versions are compared only when they were evaluated on
+    the same test split: more training rows or another image size leave it the same; another split, other
+    images or labels do not."""
+    digest = hashlib.sha256()
+    with open(manifest, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            if row.get("split") == "test":
+                digest.update(json.dumps([row["path"], *(row.get(t, "") for t in tasks)]).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def version_tags_for(tasks: dict[str, list[str]], test_data: str) -> dict[str, str]:
+    """The tags that say what a version can be compared with: its task set and its test split."""
+    text = json.dumps(tasks, sort_keys=True)
+    return {
+        TASK_SET_TAG: text if len(text) <= MAX_TAG_VALUE else text[: MAX_TAG_VALUE - 3] + "...",
+        TASK_SET_SHA_TAG: task_set_sha256(tasks),
+        TEST_DATA_TAG: test_data,
+    }
+
+
+def recorded_tasks(client: MlflowClient, name: str, version: str) -> tuple[str | None, dict[str, list[str]] | None]:
+    """(task set hash, {task: classes} where known) of a registered version: from its tags, or, for a
+    version registered before they existed, from the model spec its run logged (model_spec/); (None,
+    None) when neither is there."""
+    mv = client.get_model_version(name, version)
+    if TASK_SET_SHA_TAG in mv.tags:
+        try:
+            tasks = json.loads(mv.tags.get(TASK_SET_TAG, ""))
+        except ValueError:
+            tasks = None
+        return mv.tags[TASK_SET_SHA_TAG], tasks
+    if not mv.run_id:
+        return None, None
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model_spec/model_spec.json")
+        tasks = json.loads(Path(local).read_text())["tasks"]
+    except (MlflowException, OSError, ValueError, KeyError):
+        return None, None
+    return task_set_sha256(tasks), tasks

@@ -89,7 +89,7 @@ def _train_all_in_one(cfg: PipelineConfig, paths: ProjectPaths, job: FitJob, fre
     fp = checkpoint.fingerprint(job.cfg, paths, None)
     fail_orphan_runs(exp_id, "all_in_one", keep=recorded_run_ids(resume_dir))
     new_run = partial(record_new_run, job.cfg, paths.root, {"mtl.stage": "all_in_one", "mtl.kind": "all_in_one_reference"})
-    with training_run(resume_dir, fp, experiment_id=exp_id, run_name=run_name(cfg, "all_in_one"), fresh=fresh, on_new=new_run) as (run, resume):
+    with training_run(resume_dir, fp, experiment_id=exp_id, run_name=run_name(cfg, "all_in_one"), fresh=fresh, on_new=new_run, stage="all_in_one") as (run, resume):
         fit(job.cfg, paths, job.tasks, job.files, resume=resume)
         results = score_folder(job.cfg, paths, paths.all_in_one_dir)
         mlflow.log_metrics({f"test/{t}/{m}": v for t, ms in results.items() for m, v in ms.items() if m != "support"})

@@ -99,7 +99,7 @@ def _train_baselines(cfg: PipelineConfig, paths: ProjectPaths, jobs: list[FitJob
         tags = {"mtl.stage": "baselines", "mtl.kind": "single_task_baseline", "mtl.task": task}
         fp = checkpoint.fingerprint(job.cfg, paths, job.label_columns)
         new_run = partial(record_new_run, job.cfg, paths.root, tags)
-        with training_run(job.files.resume.parent, fp, experiment_id=exp_id, run_name=run_name(cfg, "stl", task), fresh=fresh, on_new=new_run) as (run, resume):
+        with training_run(job.files.resume.parent, fp, experiment_id=exp_id, run_name=run_name(cfg, "stl", task), fresh=fresh, on_new=new_run, stage="baselines") as (run, resume):
             seen = len(batches.events) if batches is not None else 0
             fit(job.cfg, paths, job.tasks, job.files, label_columns=job.label_columns, resume=resume, batches=batches)
             results[task] = score_folder(job.cfg, paths, folder, job.label_columns)[task]

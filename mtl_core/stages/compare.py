@@ -163,7 +163,7 @@ def run_compare(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
         else:
             log.info("the task-gradient affinities measured in training do not suggest splitting the tasks")
 
-    with model_run(cfg, root):
+    with model_run(cfg, root, "compare"):
         metrics = {f"compare/delta_m_pct/{m}": v for m, v in table["delta_m_pct"].items()}
         metrics.update(
             {f"compare/{t}/{m}/relative_pct": v[m]["relative_pct"] for t, v in table["tasks"].items() for m in v}

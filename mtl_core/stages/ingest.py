@@ -38,7 +38,10 @@ from mtl_core.config import PipelineConfig
 from mtl_core.data.builtin import BUILTIN_DATASETS
 from mtl_core.data.disk import require_free_space
 from mtl_core.data.ingest_report import NO_LEAK, data_report
-from mtl_core.data.ingest_scan import check_split, choose_split, drop_duplicates, scan_manifest, write_manifest, write_rejected
+from mtl_core.data.ingest_scan import (
+    check_split, choose_split, classes_missing_from_training, drop_duplicates, numeric_label_clashes, scan_manifest,
+    write_manifest, write_rejected,
+)  # fmt: skip
 from mtl_core.data.manifest import PATH_COLUMN, ROW_COLUMN, SPLIT_COLUMN, IngestError, ManifestFile, resolve_columns
 from mtl_core.data.parallel import map_chunks
 from mtl_core.data.split import shared_keys
@@ -91,6 +94,7 @@ def run_ingest(cfg: PipelineConfig, root: Path, workers: int | None = None) -> I
         if scan.rows_total == 0:
             raise IngestError(f"{csv_path}: manifest has no rows")
         a = scan.arrays()
+        numeric_label_clashes(csv_path, scan, a)
         keep, merged, raw_paths = drop_duplicates(scan, a, cfg, spool)
 
         rejected = write_rejected(scan.rejected, paths.rejected)
@@ -122,6 +126,13 @@ def run_ingest(cfg: PipelineConfig, root: Path, workers: int | None = None) -> I
 
         method, which = choose_split(csv_path, scan, a, kept, cfg)
         check_split(csv_path, method, cols.tasks, codes, which, cfg)
+        unseen = classes_missing_from_training(codes, vocab, cols.tasks, which)
+        for task, splits in unseen.items():
+            log.warning(
+                "ingest: task '%s': %s have no training image, so the model can never answer them and every "
+                "such image counts as an error; give these classes more images (or merge rare classes)",
+                task, "; ".join(f"{len(c)} {s} class(es) ({', '.join(map(repr, c[:5]))}{' ...' if len(c) > 5 else ''})" for s, c in splits.items()),
+            )  # fmt: skip
         # the report's leakage statement, checked on what was decided rather than assumed from how
         images_shared = len(shared_keys(a["digests"][kept], which))
         groups_shared = len(shared_keys(a["groups"][kept], which)) if cols.group is not None else 0
@@ -140,6 +151,7 @@ def run_ingest(cfg: PipelineConfig, root: Path, workers: int | None = None) -> I
         spool.unlink(missing_ok=True)
 
     report = data_report(cfg, root, csv_path, mf, scan, a, kept, which, method, classes, rejected, merged, raw_paths)
+    report["classes_not_in_train"] = unseen  # per task and split: classes no training row has (warned above)
     paths.data_report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     log.info(
         "ingest: kept %d rows, rejected %d, merged %d duplicates; split (%s) %s; %s (checked)",

@@ -2,7 +2,8 @@
 
 Every model that reaches this stage is registered (a version is the record that it was trained and
 evaluated); the alias `champion` moves to it only when it passes the champion gate and beats the
-current champion. Aliases, not the deprecated registry stages.
+current champion, of the same task set on the same test split (registry.champion). Aliases, not the
+deprecated registry stages.
 
 The champion gate (registry.gate) refuses a version whose weights or test metrics are not finite, which is
 no better than chance over its tasks, or below `register.min_mean_accuracy`; the tasks at chance are named
@@ -31,11 +32,12 @@ from mtl_core.config import PipelineConfig
 from mtl_core.faults import fault_point
 from mtl_core.hashing import file_sha256
 from mtl_core.paths import ProjectPaths
+from mtl_core.registry.champion import decide, finish_pending
 from mtl_core.registry.gate import champion_gate
 from mtl_core.registry.solutions import Solution, registered_solution
 from mtl_core.registry.versions import (
-    CHAMPION, GATE_FAILURES_TAG, GATE_REASON_TAG, GATE_TAG, MAX_TAG_VALUE, SCORE_TAG, WEIGHTS_TAG, current_champion,
-    log_model, logged_model_of_run, version_of_run,
+    DECISION_TAG, GATE_FAILURES_TAG, GATE_REASON_TAG, GATE_TAG, MAX_TAG_VALUE, PENDING, SCORE_TAG, TASK_SET_SHA_TAG,
+    TEST_DATA_TAG, WEIGHTS_TAG, log_model, logged_model_of_run, test_split_sha256, version_of_run, version_tags_for,
 )  # fmt: skip
 from mtl_core.tasks import TaskSpec, majority_counts
 from mtl_core.tracking.runs import model_run
@@ -84,28 +86,35 @@ def _register(cfg: PipelineConfig, paths: ProjectPaths, solution: Solution) -> R
     weights_sha = file_sha256(solution.weights)
     name = cfg.mlflow.model_name
 
-    with model_run(cfg, root) as run:
+    spec_tasks = json.loads(Path(solution.spec).read_text())["tasks"]
+    identity = version_tags_for(spec_tasks, test_split_sha256(paths.manifest, tasks))
+    # everything the champion decision needs goes onto the version when it is created, so that a register
+    # stage killed before the decision leaves a version the next one can decide (registry.champion)
+    version_tags = {
+        WEIGHTS_TAG: weights_sha, SCORE_TAG: repr(score),  # unrounded: ties compare equal
+        GATE_TAG: "passed" if gate.passed else "refused", GATE_FAILURES_TAG: ",".join(gate.failures),
+        GATE_REASON_TAG: (gate.describe() or "passed")[:MAX_TAG_VALUE], "mtl.solution": solution.name, **identity,
+    }  # fmt: skip
+    if gate.at_chance:
+        version_tags["mtl.tasks_at_chance"] = "; ".join(gate.at_chance)[:MAX_TAG_VALUE]
+
+    with model_run(cfg, root, "register") as run:
         run_id = run.info.run_id
         client = MlflowClient()
         version = version_of_run(client, name, run_id, weights_sha)
         if version is not None:
             log.info("register: run %s already has version %s of these weights; finishing it", run_id, version)
+            for key, value in version_tags.items():  # an earlier attempt's version: this attempt's verdict
+                client.set_model_version_tag(name, version, key, value)
         else:
             model_uri = logged_model_of_run(run, weights_sha)
             if model_uri is None:
                 model_uri = log_model(solution.spec, solution.weights, paths.images_cache("test"), weights_sha)
             else:
                 log.info("register: reusing the model already logged to run %s (%s)", run_id, model_uri)
-            version = str(mlflow.register_model(model_uri, name, tags={WEIGHTS_TAG: weights_sha}).version)
+            version = str(mlflow.register_model(model_uri, name, tags={**version_tags, DECISION_TAG: PENDING}).version)
             fault_point("register.after_create_version")
 
-        prev_version, prev_score = current_champion(client, name)
-        client.set_model_version_tag(name, version, SCORE_TAG, repr(score))  # unrounded: ties compare equal
-        client.set_model_version_tag(name, version, GATE_TAG, "passed" if gate.passed else "refused")
-        client.set_model_version_tag(name, version, GATE_FAILURES_TAG, ",".join(gate.failures))
-        client.set_model_version_tag(name, version, GATE_REASON_TAG, (gate.describe() or "passed")[:MAX_TAG_VALUE])
-        if gate.at_chance:
-            client.set_model_version_tag(name, version, "mtl.tasks_at_chance", "; ".join(gate.at_chance)[:MAX_TAG_VALUE])
         majority = {t: (m / n if n else float("nan")) for t, (m, n) in majority_counts(test_labels, tasks).items()}
         verdict = "passed" if gate.passed else f"refused ({gate.describe()})"
         if gate.at_chance:
@@ -115,34 +124,14 @@ def _register(cfg: PipelineConfig, paths: ProjectPaths, solution: Solution) -> R
         )
         if solution.note:  # how the registered solution was chosen (compare.select), or that it is unverified
             description = f"{solution.note}\n\n{description}"
-        client.set_model_version_tag(name, version, "mtl.solution", solution.name)
         client.update_model_version(name, version, description=description[:MAX_TAG_VALUE])  # the store's limit too
 
-        if prev_version == version:
-            # an earlier attempt for this run already moved the alias (or this version has been champion
-            # since): nothing to move, and nothing better to fall back on if the gate now refuses it
-            moved, champion = False, version
-            reason = f"version {version} is already champion"
-            if not gate.passed:
-                reason += f", though the champion gate now refuses it ({gate.describe()}); alias left on it"
-        elif not gate.passed:
-            moved, champion = False, prev_version
-            where = f"left on version {prev_version}" if prev_version else "not set (no champion yet)"
-            reason = f"version {version} refused by the champion gate: {gate.describe()}; alias '{CHAMPION}' {where}"
-        elif prev_version is None or prev_score is None or score > prev_score:
-            client.set_registered_model_alias(name, CHAMPION, version)
-            moved, champion = True, version
-            reason = (
-                f"no previous champion; version {version} is champion"
-                if prev_version is None
-                else f"version {version} ({score:.4f}) beats champion version {prev_version} ({prev_score:.4f})"
-            )
-        else:
-            moved, champion = False, prev_version
-            reason = (
-                f"version {version} ({score:.4f}) does not beat champion version {prev_version} "
-                f"({prev_score:.4f}); alias '{CHAMPION}' left on version {prev_version}"
-            )
+        finish_pending(client, name, version)  # versions whose register stage was killed before deciding
+        decision = decide(
+            client, name, version, score, gate.passed, gate.describe(), spec_tasks, identity[TASK_SET_SHA_TAG], identity[TEST_DATA_TAG]
+        )  # fmt: skip
+        moved, champion, reason = decision.moved, decision.champion, decision.reason
+        prev_version, prev_score = decision.previous, decision.previous_score
         (log.info if moved or champion == version else log.warning)("register: %s", reason)
 
         report = RegistryReport(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import warnings
 from collections.abc import Iterator, Mapping
@@ -94,15 +95,98 @@ def read_run_info(paths: ProjectPaths) -> dict[str, str]:
     return json.loads(paths.run_info.read_text())
 
 
-@contextmanager
-def model_run(cfg: PipelineConfig, root: Path) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the MLflow run of the model in `models/`."""
+HOST_TAG, PID_TAG, PID_START_TAG = "mtl.host", "mtl.pid", "mtl.pid_start"
+OPEN_BY_TAG = "mtl.open_by"
+"""The stage whose process has the run open now (train, evaluate, register, compare, ...)."""
+TRAINED_TAG = "mtl.trained"
+"""'true' once the run's training has finished: a later stage killed while it had the run open leaves it
+FINISHED, never FAILED (training.runs.fail_orphan_runs)."""
+REASON_TAG = "mtl.failed_reason"
+INTERRUPTED_TAG = "mtl.interrupted_stage"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc; None elsewhere): a pid reused by another
+    process since a run recorded it does not pass for the run's process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2 :].split()[19].decode()
+
+
+def process_tags(stage: str) -> dict[str, str]:
+    """The host and process that have a run open now, and their stage."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), OPEN_BY_TAG: stage}
+    if (start := _process_start(os.getpid())) is not None:
+        tags[PID_START_TAG] = start
+    return tags
+
+
+def process_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process a run's tags name (on this host) is still running: it exists, and, where its
+    start time was recorded, it is the same process (not a reused pid)."""
+    pid = tags.get(PID_TAG, "")
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    recorded = tags.get(PID_START_TAG)
+    return recorded is None or _process_start(int(pid)) in (None, recorded)
+
+
+def end_active_run(status: str, reason: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+    """End the active run with `status` (and `reason` as its mtl.failed_reason tag). A store that fails
+    now is not a second error: the run is left as it is, and the orphan sweep of the next stage start
+    (or the rerun that resumes it) settles it."""
     import mlflow
+
+    try:
+        extra = dict(tags or {})
+        if reason:
+            extra[REASON_TAG] = reason
+        if extra:
+            mlflow.set_tags(extra)
+    except Exception:  # noqa: BLE001 - the store is what failed
+        pass
+    try:
+        mlflow.end_run(status)  # pops the run first: the next start_run is not nested under it
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@contextmanager
+def model_run(cfg: PipelineConfig, root: Path, stage: str = "evaluate") -> Iterator[mlflow.ActiveRun]:
+    """Reopen the MLflow run of the model in `models/` for `stage`, recording this process as the one that
+    has it open (so that the orphan sweep does not take the run for the dead training process's). A stop
+    (SIGTERM, Ctrl-C) leaves the run FINISHED when its training had finished, with the stage that was
+    stopped as `mtl.interrupted_stage`; an error of the stage marks it FAILED."""
+    import mlflow
+
+    from mtl_core.stopping import StageStopped
+    from mtl_core.tracking.store import StoreError
 
     setup_mlflow(cfg, root)
     info = read_run_info(ProjectPaths(root))
-    with mlflow.start_run(run_id=info["run_id"]) as run:
+    run = mlflow.start_run(run_id=info["run_id"])
+    trained = False
+    try:
+        trained = mlflow.get_run(run.info.run_id).data.tags.get(TRAINED_TAG) == "true"
+        mlflow.set_tags(process_tags(stage))
         yield run
+    except StageStopped as stop:
+        end_active_run("FINISHED" if trained else "KILLED", None if trained else stop.reason, {INTERRUPTED_TAG: f"{stage} ({stop.reason})"})
+        raise
+    except BaseException as err:
+        end_active_run("FAILED", None if isinstance(err, StoreError) else f"{stage}: {type(err).__name__}")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
 
 
 def log_config_params(cfg: PipelineConfig) -> None:

@@ -95,6 +95,184 @@ def store_lock(uri: str) -> Iterator[None]:
         lock.release()
 
 
+class StoreError(RuntimeError):
+    """The MLflow tracking store does not answer or cannot be written; the message names the store, what is
+    wrong and what to do (one line: the CLI prints it as `mtl <stage>: error: ...`)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store failed while a training was running: the training is kept in its checkpoint."""
+
+
+CHECK_TRIES = 3
+"""Tries of the store check before a stage starts (a bounded number, not MLflow's default back-off)."""
+CHECK_PAUSE_S = 1.0
+"""Seconds between two tries."""
+SQLITE_LOCK_WAIT_S = 2.0
+"""How long one try waits for another process's write lock on a SQLite store."""
+SERVER_TIMEOUT_S = 3.0
+"""How long one try waits for a tracking server's answer."""
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # MLflow's default: 7, with back-off up to 64 s (251 s in all)
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+"""What MLflow's HTTP client retries against a tracking server, unless the user set these variables: a
+server gone in the middle of a stage fails it within seconds, not minutes (`training.sink` keeps the
+metrics it could not log)."""
+
+
+def _processes_holding(db: Path) -> list[str]:
+    """`pid N (command)` of the other processes of this machine with `db` (or its journal) open, as far
+    as /proc shows them (Linux; a process of another user is not visible); empty elsewhere."""
+    names = {str(db), f"{db}-journal", f"{db}-wal"}
+    found = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if not any(os.readlink(fd) in names for fd in (entry / "fd").iterdir()):
+                continue
+            command = " ".join((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split())
+        except OSError:
+            continue
+        found.append(f"pid {entry.name} ({command[:120]})")
+    return found
+
+
+def _sqlite_problem(db: Path) -> tuple[str, str] | None:
+    """(what is wrong, what to do) with SQLite store `db` now, or None when it can be written: a real
+    write transaction (a table created, then rolled back) with a short lock wait."""
+    import sqlite3
+
+    if not db.exists():
+        folder = db.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".{db.name}.probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            return (f"the folder {folder} cannot be written ({err.strerror or err})",
+                    "make it writable, or set mlflow.tracking_uri to a store you can write")  # fmt: skip
+        return None
+    try:
+        connection = sqlite3.connect(str(db), timeout=SQLITE_LOCK_WAIT_S, isolation_level=None)
+    except sqlite3.Error as err:
+        return f"it cannot be opened ({err})", "check the file and its folder"
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("CREATE TABLE _mtl_write_probe (x)")
+        connection.execute("ROLLBACK")
+    except sqlite3.OperationalError as err:
+        text = str(err)
+        if "locked" in text or "busy" in text:
+            holders = _processes_holding(db)
+            who = f"by {', '.join(holders)}" if holders else "by another process"
+            return (f"it is locked {who}: a write waited more than {SQLITE_LOCK_WAIT_S:.0f} s",
+                    "wait for that process to finish (or stop it), then rerun; several pipelines writing at once "
+                    "need an MLflow server (docs: MLflow, Several pipelines, one store)")  # fmt: skip
+        if "readonly" in text or "read-only" in text:
+            return (f"it is read-only ({text})",
+                    "make the file and its folder writable (chmod u+w, chattr -i), or set mlflow.tracking_uri "
+                    "to a store you can write")  # fmt: skip
+        return f"a test write failed ({text})", "check the file, its folder and the disk"
+    finally:
+        connection.close()
+    return None
+
+
+def _server_problem(uri: str) -> tuple[str, str] | None:
+    """(what is wrong, what to do) with a tracking server now, or None when its /health answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_TIMEOUT_S) as answer:
+            if answer.status == 200:
+                return None
+            what = f"its /health answered HTTP {answer.status}"
+    except urllib.error.HTTPError as err:
+        what = f"its /health answered HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        what = f"unreachable ({reason})"
+    return what, (
+        "start it (mlflow server --host <host> --port <port>), or point $MLFLOW_TRACKING_URI / "
+        "params.yaml mlflow.tracking_uri at a running one"
+    )
+
+
+def store_problem(uri: str) -> tuple[str, str] | None:
+    """One try: (what is wrong, what to do) with the store at `uri`, or None. Stores other than a
+    SQLite file and an http(s) server are not checked."""
+    db = sqlite_db_path(uri)
+    if db is not None:
+        return _sqlite_problem(db)
+    if uri.startswith(("http://", "https://")):
+        return _server_problem(uri)
+    return None
+
+
+def check_store(uri: str, tries: int = CHECK_TRIES) -> None:
+    """Raise StoreError, in one line naming the store, what is wrong and what to do, unless the store at
+    `uri` answers and can be written within `tries` short tries (a few seconds in all)."""
+    import time
+
+    start = time.monotonic()
+    for attempt in range(tries):
+        problem = store_problem(uri)
+        if problem is None:
+            return
+        if attempt + 1 < tries:
+            time.sleep(CHECK_PAUSE_S)
+    what, todo = problem
+    raise StoreError(
+        f"the MLflow tracking store {uri} cannot be used: {what} ({tries} tries in "
+        f"{time.monotonic() - start:.0f} s); {todo}"
+    )
+
+
+def is_store_failure(err: BaseException) -> bool:
+    """Whether `err`, raised by an MLflow call, is the store failing (unreachable, locked, read-only, a
+    server error) rather than a bad value."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+    if isinstance(err, OSError):
+        return True
+    try:
+        import sqlalchemy.exc
+
+        if isinstance(err, sqlalchemy.exc.OperationalError):
+            return True
+    except ImportError:
+        pass
+    try:
+        import requests
+
+        return isinstance(err, requests.RequestException)
+    except ImportError:
+        return False
+
+
+def describe_store_failure(err: BaseException) -> str:
+    """A store error in a few words: its first line, without the SQL statement SQLAlchemy appends."""
+    text = " ".join(str(err).split("[SQL:")[0].split())
+    return (text[:200] + "...") if len(text) > 200 else text
+
+
+def bound_http_retries(uri: str) -> None:
+    """For a tracking server, HTTP_RETRY_DEFAULTS where the user has not set them."""
+    if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: for a SQLite store, `mlartifacts/` next to the database
     (the project's own store: inside the project; a store shared by several clones: beside the shared file,
@@ -154,6 +332,8 @@ def setup_mlflow(cfg: PipelineConfig, root: Path) -> str:
     import mlflow
 
     uri = tracking_uri(cfg, root)
+    check_store(uri)
+    bound_http_retries(uri)
     user_setting = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     # MLflow 3 also exports the URI as $MLFLOW_TRACKING_URI; restore the user's own setting, or the next

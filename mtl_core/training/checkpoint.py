@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -147,10 +148,20 @@ def save(path: Path, state: dict[str, Any]) -> None:
     """Atomically replace `path` with `state` (temporary file, fsync, rename, fsync of the folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    # serialised in memory first: torch.save into a file turns a failed write (a full disk) into a
+    # RuntimeError "unexpected pos"; a plain write raises the OSError that says what happened
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    try:
+        with tmp.open("wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as err:  # a full disk, a stop: no torn temporary file left on the disk
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not err.filename:  # a write names no file: name it
+            raise OSError(err.errno, err.strerror, str(tmp)) from err
+        raise
     fault_point("checkpoint.before_rename")
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -165,34 +176,48 @@ def _remove_stale_temporaries(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def load_resumable(path: Path, expected: dict[str, Any], fresh: bool = False) -> dict[str, Any] | None:
-    """The checkpoint at `path` if it may be resumed: readable, and made by a run with the fingerprint
-    `expected`; otherwise None, with one log line saying why (never a silent resume into another
-    configuration, nor a silent restart)."""
+UNREADABLE = "unreadable checkpoint"
+"""Why `read_checkpoint` did not resume a checkpoint that cannot be read (also the reason a run it
+belonged to is marked FAILED with: training.runs)."""
+
+
+def read_checkpoint(path: Path, expected: dict[str, Any], fresh: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+    """(the checkpoint at `path` if it may be resumed, else None; why a checkpoint that is there is not
+    resumed: UNREADABLE, "other format", "other settings", "--fresh"; None when there is none or it is
+    resumed). Resumable: readable, and made by a run with the fingerprint `expected`. One log line says
+    why a checkpoint is not resumed (never a silent resume into another configuration, nor a silent
+    restart)."""
     if not path.parent.is_dir():
-        return None
+        return None, None
     _remove_stale_temporaries(path)  # a write that was killed before its rename
     if not path.is_file():
-        return None
+        return None, None
     if fresh:
         log.info("train: --fresh: ignoring the checkpoint %s", path)
-        return None
+        return None, "--fresh"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a checkpoint")
     except Exception as err:  # a file from elsewhere or of an older format: never trusted, never fatal
-        log.warning("train: ignoring the unreadable checkpoint %s (%s); starting over", path, err)
-        return None
+        log.warning("train: ignoring the unreadable checkpoint %s (%s); starting over", path, " ".join(str(err).split())[:300])
+        return None, UNREADABLE
     if state.get("format") != FORMAT:
         log.warning("train: ignoring the checkpoint %s of format %s (this code writes %s); starting over", path, state.get("format"), FORMAT)
-        return None
+        return None, "other format"
     if state.get("fingerprint") != expected:
         changes = fingerprint_diff(state.get("fingerprint", {}), expected)
         log.warning(
             "train: ignoring the checkpoint %s (epoch %s, step %s): it was made with other settings (%s); starting over",
             path, state.get("epoch"), state.get("step"), "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""),
         )  # fmt: skip
-        return None
-    return state
+        return None, "other settings"
+    return state, None
+
+
+def load_resumable(path: Path, expected: dict[str, Any], fresh: bool = False) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it may be resumed (read_checkpoint), else None."""
+    return read_checkpoint(path, expected, fresh)[0]
 
 
 def remove(path: Path) -> None:

@@ -133,6 +133,7 @@ def fit(
     throughput = totals["images"] / totals["seconds"] if totals["seconds"] else 0.0
     calibration = calibrate(t.state, t.loaders["val"], device, cfg.train.amp) if dist.is_main else None
     outputs.finish(t.state, cfg, tasks, t.stem, device, dist.world_size, throughput, calibration)
+    sink.flush()  # what a store that failed during the training did not take, or StoreUnavailable
     return FitResult(sink.run_id, t.state.best_epoch, t.state.best_score, throughput)
 
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ class NullSink:
     def catch_up(self, history: Sequence[Mapping[str, float]], cosines: Mapping[int, list], tasks: Sequence[str]) -> None:
         pass
 
+    def flush(self) -> None:
+        """Write what the store did not take while training (MlflowSink); raise if it still cannot."""
+
 
 class LogSink(NullSink):
     """The log lines: what training starts with, one line per epoch."""
@@ -60,43 +63,109 @@ class LogSink(NullSink):
 
 class MlflowSink(LogSink):
     """The log lines and the active MLflow run: params, per-epoch metrics (step = epoch), the epoch's
-    task-gradient cosine matrix as a JSON artifact, the figures and reports as artifacts."""
+    task-gradient cosine matrix as a JSON artifact, the figures and reports as artifacts.
+
+    A store that fails in the middle of a training (a server gone, a SQLite file locked or made read-only)
+    does not stop it: the call that failed, and every later one, is kept in order; at each epoch's end,
+    once a quick probe (tracking.store.store_problem) finds the store back, they are written. The
+    checkpoints go on being written meanwhile. `flush()` at the end of the training writes what is left,
+    or raises StoreUnavailable naming the store and the epochs not logged: the checkpoint holds them, and
+    the rerun that resumes the run logs them (`catch_up`)."""
 
     def __init__(self) -> None:
         import mlflow
 
         self._mlflow = mlflow
         self.run_id = mlflow.active_run().info.run_id
+        self._pending: list[tuple[str, Callable[[], Any]]] = []  # (what, call) the store did not take
+        self._failure: str | None = None
+
+    def _call(self, what: str, call: Callable[[], Any]) -> None:
+        if self._pending:
+            self._pending.append((what, call))
+            return
+        try:
+            call()
+        except Exception as err:
+            from mtl_core.tracking.store import describe_store_failure, is_store_failure
+
+            if not is_store_failure(err):
+                raise
+            self._failure = describe_store_failure(err)
+            log.warning(
+                "the MLflow store failed (%s: %s); training goes on and keeps its checkpoints; what it reports "
+                "is kept and logged when the store answers again", what, self._failure,
+            )  # fmt: skip
+            log.debug("the MLflow store's error", exc_info=True)
+            self._pending.append((what, call))
+
+    def _retry_pending(self) -> bool:
+        """Write the kept calls if a quick probe finds the store back; whether nothing is left."""
+        if not self._pending:
+            return True
+        from mtl_core.tracking.store import describe_store_failure, is_store_failure, store_problem
+
+        if store_problem(self._mlflow.get_tracking_uri()) is not None:
+            return False
+        while self._pending:
+            what, call = self._pending[0]
+            try:
+                call()
+            except Exception as err:
+                if not is_store_failure(err):
+                    raise
+                self._failure = describe_store_failure(err)
+                return False
+            self._pending.pop(0)
+        log.info("the MLflow store answers again: what it missed is logged")
+        return True
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._mlflow.log_params(dict(params))
+        self._call("params", lambda: self._mlflow.log_params(dict(params)))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._mlflow.log_metrics(dict(metrics), step=step)
+        self._call("metrics", lambda: self._mlflow.log_metrics(dict(metrics), step=step))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._mlflow.set_tags(dict(tags))
+        self._call("tags", lambda: self._mlflow.set_tags(dict(tags)))
 
     def log_artifact(self, path: Path, folder: str) -> None:
-        self._mlflow.log_artifact(str(path), artifact_path=folder)
+        self._call(f"artifact {path.name}", lambda: self._mlflow.log_artifact(str(path), artifact_path=folder))
 
     def log_epoch(self, row: Mapping[str, float], cosines: Mapping[int, list], tasks: Sequence[str], epochs: int) -> None:
-        self._record_epoch(row, cosines, tasks)
+        self._retry_pending()
+        self._record_epoch(dict(row), dict(cosines), list(tasks))
         super().log_epoch(row, cosines, tasks, epochs)
 
     def _record_epoch(self, row: Mapping[str, float], cosines: Mapping[int, list], tasks: Sequence[str]) -> None:
         epoch = int(row["epoch"])
-        self._mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+        metrics = {k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}
+        self._call(f"epoch {epoch}", lambda: self._mlflow.log_metrics(metrics, step=epoch))
         if epoch in cosines:
-            self._mlflow.log_dict({"tasks": list(tasks), "epoch": epoch, "cosine": cosines[epoch]},
-                                  f"task_relations/gradient_cosine_epoch_{epoch:03d}.json")  # fmt: skip
+            matrix = {"tasks": list(tasks), "epoch": epoch, "cosine": cosines[epoch]}
+            self._call(f"epoch {epoch}", lambda: self._mlflow.log_dict(matrix, f"task_relations/gradient_cosine_epoch_{epoch:03d}.json"))
 
     def catch_up(self, history: Sequence[Mapping[str, float]], cosines: Mapping[int, list], tasks: Sequence[str]) -> None:
         """Log the epochs a resumed checkpoint holds but the run has not recorded (a kill between the
-        checkpoint and the metrics), so the run has one value per epoch, none twice."""
+        checkpoint and the metrics, a store that failed during the killed attempt), so the run has one
+        value per epoch, none twice."""
         from mlflow.tracking import MlflowClient
 
         logged = {m.step for m in MlflowClient().get_metric_history(self.run_id, "val/mean/accuracy")}
         for row in history:
             if row["epoch"] not in logged:
                 self._record_epoch(row, cosines, tasks)
+
+    def flush(self) -> None:
+        if self._retry_pending():
+            return
+        from mtl_core.tracking.store import StoreUnavailable
+
+        epochs = sorted({w.removeprefix("epoch ") for w, _ in self._pending if w.startswith("epoch ")}, key=int)
+        missing = f"epoch(s) {', '.join(epochs)} and " if epochs else ""
+        raise StoreUnavailable(
+            f"the MLflow tracking store {self._mlflow.get_tracking_uri()} failed during training ({self._failure}); "
+            f"{missing}{len(self._pending)} record(s) of run {self.run_id} could not be logged. The training is "
+            "kept in its checkpoint (checkpoints/): once the store answers, rerun the stage: it resumes this run "
+            "and logs what is missing"
+        )

@@ -300,10 +300,14 @@ def generate_shapes(
     # Write-then-rename so an interrupted run never leaves a truncated manifest behind.
     csv_path = out_dir / "labels.csv"
     tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["path", *columns])
-        for rows in mapper(_write_images, chunks, num_images):
-            writer.writerows(rows)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["path", *columns])
+            for rows in mapper(_write_images, chunks, num_images):
+                writer.writerows(rows)
+    except BaseException:  # a full disk, a stop: no half-written temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, csv_path)
     return csv_path

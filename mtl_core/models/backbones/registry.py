@@ -42,8 +42,9 @@ class Backbone:
     """A callable taking `weights=` (None: random init), or the name of a `torchvision.models` builder
     (imported on first use: importing torchvision costs ~10 s on 2 cores, mostly torch._dynamo through
     torchvision.ops, and timm ~2 s more, which a small_cnn stage process need not pay)."""
-    weights: str
-    """What `factory` gets as `weights` when pretrained weights are downloaded (torchvision: DEFAULT)."""
+    weights: str | None
+    """What `factory` gets as `weights` when pretrained weights are downloaded (torchvision: DEFAULT);
+    None: the network has no pretrained weights (model.pretrained: true is refused)."""
     strip: Callable[[nn.Module], int]
     """Replace the classifier with Identity in place; return the feature dimension."""
     library: tuple[str, str] | None = None
@@ -80,8 +81,29 @@ class Backbone:
             from torchvision import models as tvm
 
             factory = getattr(tvm, factory)
-        net = factory(weights=self.weights if pretrained else None)
+        if pretrained and self.weights is None:
+            raise ValueError("this backbone has no pretrained weights; set model.pretrained: false")
+        if not pretrained:
+            net = factory(weights=None)
+        else:
+            try:
+                net = factory(weights=self.weights)
+            except Exception as err:  # no network, a proxy, a hub that is down: the download failed
+                raise PretrainedDownloadError(
+                    f"model.pretrained: true: the pretrained weights could not be downloaded ({type(err).__name__}: "
+                    f"{_first_line(err)}); without network access, give a local weights file instead "
+                    "(model.pretrained: weights/<file>.safetensors or .pth; docs: Models, Pretrained weights)"
+                ) from err
         return net, self.strip(net)
+
+
+class PretrainedDownloadError(RuntimeError):
+    """`model.pretrained: true` and the library's weights could not be downloaded."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _strip_fc(net: nn.Module) -> int:
@@ -192,8 +214,8 @@ BACKBONES: dict[str, Backbone] = {
     "mobilenet_v3_large": Backbone("mobilenet_v3_large", "DEFAULT", _strip_classifier, ("torchvision", "mobilenet_v3_large")),
     "efficientnet_b0": Backbone("efficientnet_b0", "DEFAULT", _strip_classifier, ("torchvision", "efficientnet_b0")),
     "convnext_tiny": Backbone("convnext_tiny", "DEFAULT", _strip_convnext, ("torchvision", "convnext_tiny")),
-    "small_cnn": Backbone(_small_cnn, "", lambda net: net.out_dim),
-    "small_cnn_gn": Backbone(partial(_small_cnn, norm="group"), "", lambda net: net.out_dim),
+    "small_cnn": Backbone(_small_cnn, None, lambda net: net.out_dim),
+    "small_cnn_gn": Backbone(partial(_small_cnn, norm="group"), None, lambda net: net.out_dim),
 }
 
 

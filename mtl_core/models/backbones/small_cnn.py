@@ -30,6 +30,6 @@ class SmallConvNet(nn.Module):
 
 
 def _small_cnn(weights: str | None = None, norm: str = "batch") -> nn.Module:
-    if weights:
+    if weights is not None:
         raise ValueError("backbone 'small_cnn' has no pretrained weights; set model.pretrained: false")
     return SmallConvNet(norm=norm)
