@@ -163,6 +163,11 @@ class ProjectPaths:
 
     # register
     @property
+    def model_card(self) -> Path:
+        """The registered version's model card (register stage; also in the logged model's folder)."""
+        return self.reports_dir / "model_card.md"
+
+    @property
     def registry_report(self) -> Path:
         return self.reports_dir / "registry.json"
 

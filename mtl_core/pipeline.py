@@ -22,10 +22,10 @@ STAGES: dict[str, str] = {
     "preprocess": "mtl_core.stages.preprocess:run_preprocess",
     "train": "mtl_core.stages.train:run_train",
     "evaluate": "mtl_core.stages.evaluate:run_evaluate",
-    "register": "mtl_core.stages.register:run_register",
     "baselines": "mtl_core.stages.baselines:run_baselines",
     "all_in_one": "mtl_core.stages.all_in_one:run_all_in_one",
     "compare": "mtl_core.stages.compare:run_compare",
+    "register": "mtl_core.stages.register:run_register",  # last: its description and card show compare's Δm
 }
 
 

@@ -174,7 +174,7 @@ def test_the_scheduled_run_retries_a_killed_stage_and_leaves_one_record(served: 
     client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mtl-pipeline").experiment_id], "tags.`mtl.stage` = 'train'")
     assert [r.info.status for r in runs] == ["FINISHED"]  # the killed attempt's run, resumed and finished
-    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mean/accuracy")) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "by_epoch/val/mean/accuracy")) == [1, 2]
     assert json.loads((clone / "reports" / "registry.json").read_text())["champion_version"] == "1"
 
     (artifact,) = _post(url, "/artifacts/filter", {

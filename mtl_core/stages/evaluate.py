@@ -31,7 +31,8 @@ from mtl_core.runtime import select_device
 from mtl_core.tasks import MISSING_LABEL, majority_rates
 from mtl_core.tracking.runs import model_run
 from mtl_core.tracking.views import (
-    NOTE_TAG, TABLE_FILE, log_table_replacing, per_task_rows, publish_results_view, results_view_path, run_description,
+    ACCURACY_DECIMALS, MEAN_BALANCED_ACCURACY_METRIC, NOTE_TAG, TABLE_FILE, log_table_replacing, per_task_rows,
+    publish_results_view, results_view_path, run_description,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
     with model_run(cfg, root) as run:
         flat = {f"test/{t}/{m}": float(v) for t, vs in per_task.items() for m, v in vs.items() if m != "support"}
         flat.update({f"test/mean/{m}": v for m, v in mean.items()})
+        if "balanced_accuracy" in mean:  # the Results view's rounded headline column
+            flat[MEAN_BALANCED_ACCURACY_METRIC] = round(float(mean["balanced_accuracy"]), ACCURACY_DECIMALS)
         mlflow.log_metrics(flat)
         log_table_replacing(pd.DataFrame(per_task_rows(per_task, majority)).round(4), TABLE_FILE)
         what = (
