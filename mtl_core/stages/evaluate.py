@@ -32,7 +32,7 @@ from mtl_core.tasks import MISSING_LABEL, majority_rates
 from mtl_core.tracking.runs import model_run
 from mtl_core.tracking.views import (
     ACCURACY_DECIMALS, MEAN_BALANCED_ACCURACY_METRIC, NOTE_TAG, TABLE_FILE, log_table_replacing, per_task_rows,
-    publish_results_view, results_view_path, run_description,
+    publish_results_view, results_view_path, run_description, ui_base_url,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -101,5 +101,6 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
         mlflow.log_artifact(str(paths.error_correlation), artifact_path="task_relations")
         mlflow.log_artifact(str(paths.error_correlation.with_suffix(".png")), artifact_path="task_relations")
         mlflow.set_tag("mtl.evaluated", "true")
-        log.info("MLflow UI: every run's results at <mlflow ui address>%s", results_view_path(run.info.experiment_id))
+        base = ui_base_url(mlflow.get_tracking_uri(), cfg.mlflow.ui_url)
+        log.info("MLflow UI (mlflow.ui_url): every run's results at %s%s", base, results_view_path(run.info.experiment_id))
     return EvaluateResult(per_task, mean)

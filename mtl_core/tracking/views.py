@@ -90,6 +90,21 @@ def results_view_path(experiment_id: str) -> str:
     return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={RESULTS_VIEW}"
 
 
+def ui_base_url(tracking_uri: str, ui_url: str) -> str:
+    """Where the MLflow UI of `tracking_uri` is: the tracking server itself (http, https), else `ui_url`
+    (mlflow.ui_url: where `mlflow ui` serves a local store)."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else ui_url
+    return base.rstrip("/")
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def version_url(base: str, model_name: str, version: str) -> str:
+    return f"{base}/#/models/{model_name}/versions/{version}"
+
+
 def ui_experiment_tags() -> dict[str, str]:
     """The tags a new experiment gets: opens on training runs, leads with the mean test accuracy, says what
     its runs are, and has the *Results* view (without per-task columns until a model is evaluated)."""
