@@ -21,6 +21,9 @@ CURVES_FILE = "training_curves.png"
 SUMMARY_FILE = "train_metrics.json"
 GRADIENT_COSINE_FILE = "task_gradient_cosine.json"
 RUN_INFO_FILE = "mlflow_run.json"
+NOT_TRAINED_FILE = "NOT_TRAINED.txt"
+"""In the model folder of a disabled training stage (baselines, all_in_one): why nothing was trained. An
+empty output folder makes DVC warn on every `dvc repro` that the output is empty."""
 
 
 @dataclass(frozen=True)

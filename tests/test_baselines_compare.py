@@ -150,7 +150,9 @@ def test_disabled_comparison_trains_nothing(tmp_path: Path, compared: Path):
     baselines = run_stage("baselines", root=root)
     assert baselines["enabled"] is False
     paths = ProjectPaths(root)
-    assert paths.single_task_dir.is_dir() and not any(paths.single_task_dir.iterdir())
+    # no model, and a file that says why (an empty output folder: DVC warns on every repro)
+    assert [f.name for f in paths.single_task_dir.iterdir()] == ["NOT_TRAINED.txt"]
+    assert "compare.single_task is false" in (paths.single_task_dir / "NOT_TRAINED.txt").read_text()
     assert json.loads(paths.single_task_metrics.read_text())["enabled"] is False
     assert run_stage("compare", root=root)["enabled"] is False
     assert json.loads(paths.comparison.read_text()) == {"enabled": False, "reason": "compare.single_task is false"}

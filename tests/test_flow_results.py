@@ -31,3 +31,19 @@ def test_without_a_comparison_the_table_is_the_test_metrics_and_with_verdicts_it
     judged = {**COMPARISON, "tasks": {t: {**v, "verdict": "worse" if t == "shape" else "better"} for t, v in COMPARISON["tasks"].items()}}
     rows = metrics_table(TEST, judged)
     assert [r.get("significance") for r in rows] == ["worse", "better", None, None]
+
+
+def test_a_stages_warnings_and_errors_reach_the_run_log_at_their_level():
+    """What the Prefect UI's "warning and above" filter shows: the stage's own WARNING/ERROR lines (the
+    `mtl` log format when not on a terminal) and DVC's; everything else at INFO."""
+    import logging
+
+    from flows.pipeline import line_level
+
+    assert line_level("2026-12-06 10:00:00,123 WARNING mtl_core.stages.compare: negative transfer on task 'shape'") == logging.WARNING
+    assert line_level("2026-12-06 10:00:00,123 ERROR mtl_core.cli: boom") == logging.ERROR
+    assert line_level("WARNING: 'models_all_in_one' is empty.") == logging.WARNING
+    assert line_level("ERROR: failed to reproduce 'train'") == logging.ERROR
+    for info in ("2026-12-06 10:00:00,123 INFO mtl_core.training.engine: epoch 1/2", "Running stage 'train':",
+                 "> mtl train", "a line that mentions WARNING later"):  # fmt: skip
+        assert line_level(info) == logging.INFO
