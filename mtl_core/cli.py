@@ -47,11 +47,22 @@ def _setup_logging(verbose: bool) -> None:
             logging.getLogger(logger).setLevel(logging.CRITICAL)
 
 
+def _version() -> str:
+    """The installed mtl-pipeline's version (pyproject.toml), or that it is not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("mtl-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run `python3 -m uv sync`)"
+
+
 def build_parser(stages: bool = True) -> argparse.ArgumentParser:
     """The `mtl` parser; `stages=False` leaves out the stage commands, whose names come with the pipeline
     and its config (`mtl predict` does without their 0.3 s of imports)."""
     parser = argparse.ArgumentParser(prog="mtl", description="Multi-task image classification pipeline.")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     if stages:
         _add_stage_parsers(sub)
@@ -161,7 +172,8 @@ def _check_store(params: str, root: str) -> None:
 
 
 def _command(argv: list[str]) -> str | None:
-    """The subcommand of `argv` (its first word that is not an option: `mtl` takes only -v / --help)."""
+    """The subcommand of `argv` (its first word that is not an option: `mtl` takes only -v, --version and
+    --help)."""
     return next((a for a in argv if not a.startswith("-")), None)
 
 

@@ -561,6 +561,11 @@ class MlflowConfig(_Strict):
     tracking_uri: str | None = Field(
         None, description="None: $MLFLOW_TRACKING_URI, else the project's SQLite store mlflow.db."
     )
+    ui_url: str = Field(
+        "http://127.0.0.1:5000",
+        description="Where the MLflow UI is served (`mlflow ui`, or the tracking server): the base of the links "
+        "in the logs and on a Prefect flow run's page; an http(s) tracking URI is its own UI and wins over this.",
+    )
 
 
 class EvaluateConfig(_Strict):
@@ -707,6 +712,34 @@ class ScheduleConfig(_Strict):
         return config_names.check_timezone(v)
 
 
+class RevisionConfig(_Strict):
+    """What a run of the Prefect flow leaves behind: its result as a revision (flows/pipeline.py,
+    mtl_core/revisions.py), pushed with its data and models when remotes are configured."""
+
+    record: Literal["commit", "experiment", "none"] = Field(
+        "commit",
+        description="commit: a commit of the project (params.yaml, dvc.lock, metrics, reports) on `branch`, made "
+        "without touching the checkout's branch or files; experiment: a DVC experiment (`dvc exp save`, a git ref "
+        "refs/exps/..., listed by `dvc exp show`); none: nothing recorded.",
+    )
+    branch: str = Field("retrains", description="The branch that `record: commit` commits to (created from HEAD).")
+    push: bool = Field(
+        True,
+        description="After recording: `dvc push` of the data and models to the DVC remote (`dvc_remote`, else "
+        "DVC's default remote), then the branch (`git push`) or the experiment (`dvc exp push`) to `git_remote`; "
+        "each only where configured. A failed push is reported (log, tags), not fatal.",
+    )
+    git_remote: str = Field("origin", description="The git remote that revisions are pushed to, when the repository has it.")
+    dvc_remote: str | None = Field(None, description="The DVC remote to push to; null: DVC's default remote (core.remote).")
+
+    @field_validator("branch")
+    @classmethod
+    def _branch_name(cls, v: str) -> str:
+        if not v or v.startswith(("-", "/", "refs/")) or any(c in v for c in " ~^:?*[\\") or ".." in v:
+            raise ValueError(f"not a usable git branch name: {v!r}")
+        return v
+
+
 with warnings.catch_warnings():
     # the section `register` (the stage's name) shadows ABCMeta.register, which nothing calls on a config
     warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -749,6 +782,11 @@ with warnings.catch_warnings():
         )
         schedule: ScheduleConfig = Field(
             ScheduleConfig(), description="The Prefect deployment that retrains on a timetable."
+        )
+        revision: RevisionConfig = Field(
+            RevisionConfig(),
+            description="What a Prefect flow run leaves behind: its result as a git commit or DVC experiment, "
+            "pushed with its data and models.",
         )
 
 

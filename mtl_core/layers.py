@@ -11,8 +11,10 @@ from __future__ import annotations
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # what everything stands on: where files are, the tasks and their labels, the device and the
-    # distributed context, fault injection for tests, file hashes, stopping on a signal
-    ("base", ("mtl_core", "mtl_core.paths", "mtl_core.tasks", "mtl_core.runtime", "mtl_core.faults", "mtl_core.hashing", "mtl_core.stopping")),
+    # distributed context, fault injection for tests, file hashes, stopping on a signal, a retrain's result as
+    # a git / DVC revision
+    ("base", ("mtl_core", "mtl_core.paths", "mtl_core.tasks", "mtl_core.runtime", "mtl_core.faults", "mtl_core.hashing",
+              "mtl_core.stopping", "mtl_core.revisions")),
     # the pluggable pieces and pure functions of plain values: networks, weighting methods, figures,
     # the built-in datasets, image decoding, probability calibration
     ("components", (
@@ -33,8 +35,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("registry", ("mtl_core.registry",)),
     # the pipeline's stages, one module each
     ("stages", ("mtl_core.stages",)),
-    # the shells over the stages: the dispatcher, the CLI, the Prefect flows
-    ("shells", ("mtl_core.pipeline", "mtl_core.cli", "mtl_core.layers", "flows")),
+    # the shells over the stages: the dispatcher, the CLI, the Prefect flows; developer tools (the DVC plots page)
+    ("shells", ("mtl_core.pipeline", "mtl_core.cli", "mtl_core.layers", "mtl_core.plots_page", "flows")),
 )
 
 

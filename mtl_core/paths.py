@@ -24,6 +24,9 @@ RUN_INFO_FILE = "mlflow_run.json"
 TEST_PREDICTIONS_FILE = "test_predictions.csv"
 """The class a model predicts for every test image (a column per task, class indices, test-cache order):
 what the compare stage pairs image by image to test each task's difference for significance."""
+NOT_TRAINED_FILE = "NOT_TRAINED.txt"
+"""In the model folder of a disabled training stage (baselines, all_in_one): why nothing was trained. An
+empty output folder makes DVC warn on every `dvc repro` that the output is empty."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,11 @@ class ProjectPaths:
         return self.reports_dir / "task_error_correlation.json"
 
     # register
+    @property
+    def model_card(self) -> Path:
+        """The registered version's model card (register stage; also in the logged model's folder)."""
+        return self.reports_dir / "model_card.md"
+
     @property
     def registry_report(self) -> Path:
         return self.reports_dir / "registry.json"

@@ -28,7 +28,7 @@ STAGES: dict[str, str] = {
     "baselines": "mtl_core.stages.baselines:run_baselines",
     "all_in_one": "mtl_core.stages.all_in_one:run_all_in_one",
     "compare": "mtl_core.stages.compare:run_compare",
-    "register": "mtl_core.stages.register:run_register",
+    "register": "mtl_core.stages.register:run_register",  # last: its description and card show compare's Δm
 }
 
 

@@ -95,6 +95,17 @@ def test_comparison_and_baselines_are_in_mlflow(compared: Path, client: MlflowCl
         comparison["tasks"]["color"]["accuracy"]["relative_pct"]
     )
     assert run.data.tags["mtl.negative_transfer"] == (",".join(comparison["negative_transfer"]) or "none")
+    # Δm where people look: the Results view's rounded column, and the run's description, which keeps
+    # evaluate's per-task test table and adds the comparison table per task
+    assert run.data.metrics["delta_m"] == round(comparison["delta_m_pct"]["balanced_accuracy"], 2)
+    assert run.data.metrics["mean_bal_acc"] == round(json.loads(paths.test_metrics.read_text())["mean"]["balanced_accuracy"], 3)
+    note = run.data.tags["mlflow.note.content"]
+    assert note.index("Test split, per task:") < note.index("### Multi-task against single-task")
+    assert f"**Δm = {comparison['delta_m_pct']['balanced_accuracy']:+.2f} %**" in note
+    for task, values in comparison["tasks"].items():
+        v = values["balanced_accuracy"]
+        flag = "yes" if task in comparison["negative_transfer"] else ""
+        assert f"| {task} | {v['mtl']:.3f} | {v['stl']:.3f} | {v['relative_pct']:+.2f} % |{f' {flag} ' if flag else ' '}|" in note
     table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare/comparison_table.json")).read_text())
     assert [row[0] for row in table["data"]] == TASKS
 
@@ -149,7 +160,9 @@ def test_disabled_comparison_trains_nothing(tmp_path: Path, compared: Path):
     baselines = run_stage("baselines", root=root)
     assert baselines["enabled"] is False
     paths = ProjectPaths(root)
-    assert paths.single_task_dir.is_dir() and not any(paths.single_task_dir.iterdir())
+    # no model, and a file that says why (an empty output folder: DVC warns on every repro)
+    assert [f.name for f in paths.single_task_dir.iterdir()] == ["NOT_TRAINED.txt"]
+    assert "compare.single_task is false" in (paths.single_task_dir / "NOT_TRAINED.txt").read_text()
     assert json.loads(paths.single_task_metrics.read_text())["enabled"] is False
     assert run_stage("compare", root=root)["enabled"] is False
     assert json.loads(paths.comparison.read_text()) == {"enabled": False, "reason": "compare.single_task is false"}

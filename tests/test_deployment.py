@@ -73,36 +73,57 @@ def _flow_runs(url: str, deployment: str) -> list[dict]:
 _ACTIVE = ("PENDING", "RUNNING")
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace a file in one step: a run that reads it meanwhile sees the old file or the new, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 @pytest.fixture(scope="module")
 def served(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """What a user does: `python -m flows.deployment` against a server, with a schedule of every minute,
-    until the server's scheduler has made a run and the served deployment has run the pipeline with it.
-    The train stage is killed once in the middle (a real SIGKILL, epoch 2 of 2, step 3 of 6), so the run
-    shows a stage retried by Prefect and resumed from its checkpoint. Then the deployment is paused and
-    the server drained of its runs before serve stops, so no run of it is left running in the clone, which
-    the worker test reuses (its pipeline then has little to do)."""
+    """What a user does: `python -m flows.deployment` against a server, with a schedule of every minute, in a
+    checkout with a git remote (a local bare repository) and a DVC remote (a local folder), until the
+    server's scheduler has made two runs and the served deployment has run the pipeline with each: a
+    month of Mondays, with `train.seed` changed between the two, as new data would change the model.
+    In the first run the train stage is killed once in the middle (a real SIGKILL, epoch 2 of 2, step 3
+    of 6), so it shows a stage retried by Prefect and resumed from its checkpoint. Then the deployment is
+    paused and the server drained of its runs before serve stops, so no run of it is left running in the
+    clone, which the worker test reuses (its pipeline then has little to do)."""
     url, env = prefect_server
     tmp_path = tmp_path_factory.mktemp("served")
     fired = tmp_path / "fault-fired"
     env = {**env, "PREFECT_API_URL": url, "MTL_FAULT": "train.after_step:9", "MTL_FAULT_ONCE": str(fired)}
     clone = copy_working_tree(tmp_path / "repo")
+    bare, storage = tmp_path / "remote.git", tmp_path / "dvc-storage"
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    subprocess.run(["git", "remote", "add", "origin", str(bare)], cwd=clone, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "storage", str(storage)], cwd=clone, env=stage_env(clone), check=True)
     write_params(clone, {"train": {"epochs": 2, "task_affinity_every": 0, "checkpoint_every_steps": 2},
                          "schedule": {"deployment": "every-minute", "cron": "* * * * *"}})  # fmt: skip
     log_path = tmp_path / "serve.log"
     log = open(log_path, "w")
     serve = subprocess.Popen([sys.executable, "-m", "flows.deployment"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
-    start = time.monotonic()
+    start, seconds = time.monotonic(), []
     try:
-        deadline, runs = time.monotonic() + 480, []
-        while time.monotonic() < deadline:
+        deadline, runs, done = time.monotonic() + 780, [], []
+        while time.monotonic() < deadline and len(done) < 2:
             runs = _flow_runs(url, "every-minute")
-            if any(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED") for r in runs):
+            finished = [r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED")]
+            if any(r["state"]["type"] != "COMPLETED" for r in finished):
                 break
+            if len(finished) > len(done):
+                done = sorted(finished, key=lambda r: r["expected_start_time"])
+                seconds.append(time.monotonic() - start)
+                if len(done) == 1:  # before the next run's train stage reads it (the next minute at the soonest)
+                    params = yaml.safe_load((clone / "params.yaml").read_text())
+                    params["train"]["seed"] = 1
+                    _write_atomically(clone / "params.yaml", yaml.safe_dump(params, sort_keys=False))
             assert serve.poll() is None, log_path.read_text()[-4000:]
-            time.sleep(5)
-        done = [r for r in runs if r["state"]["type"] == "COMPLETED"]
-        assert done, [(r["name"], r["state"]["type"]) for r in runs] + [log_path.read_text()[-4000:]]
-        seconds = time.monotonic() - start
+            time.sleep(1)
+        assert len(done) == 2 and all(r["state"]["type"] == "COMPLETED" for r in done), (
+            [(r["name"], r["state"]["type"]) for r in runs] + [log_path.read_text()[-4000:]]
+        )
         _patch(url, f"/deployments/{done[0]['deployment_id']}", {"paused": True})
         while any(r["state"]["type"] in _ACTIVE for r in _flow_runs(url, "every-minute")) and time.monotonic() < deadline:
             time.sleep(2)
@@ -114,9 +135,10 @@ def served(prefect_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
     finally:
         stop_process(serve)
         log.close()
-    print(f"\nserved deployment: scheduled run completed after {seconds:.0f} s")
+    print(f"\nserved deployment: scheduled runs completed after {', '.join(f'{s:.0f}' for s in seconds)} s")
     env = {k: v for k, v in env.items() if not k.startswith("MTL_FAULT")}
-    return {"clone": clone, "run": done[0], "runs": runs, "env": env, "log": log_path, "fired": fired}
+    return {"clone": clone, "run": done[0], "done": done, "runs": runs, "env": env, "log": log_path, "fired": fired,
+            "bare": bare, "storage": storage}  # fmt: skip
 
 
 def _children(pid: int) -> list[int]:
@@ -132,7 +154,7 @@ def _patch(url: str, endpoint: str, body: dict) -> None:
         assert r.status in (200, 204)
 
 
-@pytest.mark.timeout(600)  # the fixture's served run included
+@pytest.mark.timeout(900)  # the fixture's two served runs included
 def test_a_served_deployment_runs_its_scheduled_flow_to_completion(served: dict):
     """The scheduled run was made by the server's scheduler and ran the whole pipeline; `prefect
     deployment ls` / `prefect flow-run ls` show both; runs due while one runs are cancelled, not
@@ -141,8 +163,9 @@ def test_a_served_deployment_runs_its_scheduled_flow_to_completion(served: dict)
     assert run["auto_scheduled"] is True  # made by the server's scheduler, not by hand
     assert run["expected_start_time"].split(":")[-1].startswith("00")  # on a minute of the cron
     registry = json.loads((served["clone"] / "reports" / "registry.json").read_text())
-    assert registry["version"] == "1"  # the pipeline ran to its last stage
-    overlapping = [r for r in served["runs"] if r["state"]["type"] != "SCHEDULED" and r["id"] != run["id"]]
+    assert registry["version"] == "2"  # each run ran the pipeline to its last stage
+    done_ids = {r["id"] for r in served["done"]}
+    overlapping = [r for r in served["runs"] if r["state"]["type"] != "SCHEDULED" and r["id"] not in done_ids]
     assert all(r["state"]["type"] == "CANCELLED" for r in overlapping), [(r["name"], r["state"]) for r in overlapping]
 
     prefect, wide = str(Path(sys.executable).parent / "prefect"), {**env, "COLUMNS": "250"}  # no cut names
@@ -154,6 +177,51 @@ def test_a_served_deployment_runs_its_scheduled_flow_to_completion(served: dict)
     assert flow_runs.returncode == 0, flow_runs.stdout + flow_runs.stderr
     completed = _post(env["PREFECT_API_URL"], "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
     assert run["id"] in [r["id"] for r in json.loads(flow_runs.stdout)], (flow_runs.stdout, flow_runs.stderr, [(r["id"], r["name"]) for r in completed])
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.timeout(300)
+def test_two_scheduled_runs_left_two_revisions_with_their_data_and_models_in_the_remotes(served: dict):
+    """Each scheduled run recorded its result as a commit on branch `retrains` (revision: in params.yaml),
+    pushed to the git remote (a bare repository) with its dvc.lock, params and metrics, and its data and
+    model to the DVC remote (a folder); the MLflow run and the model version of each name that revision and
+    the Prefect flow run, whose page links back to the MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import MLFLOW_RUN_ARTIFACT_KEY
+
+    bare, storage, clone, url = served["bare"], served["storage"], served["clone"], served["env"]["PREFECT_API_URL"]
+    base = _git(clone, "rev-parse", "HEAD")  # the checkout's commit, which the runs leave where it is
+    commits = _git(bare, "rev-list", "--first-parent", "refs/heads/retrains").split()
+    assert commits[-1] == base and len(commits) == 3, commits  # two retrains on top of the checkout's commit
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mtl-pipeline").experiment_id
+    for seed, commit, flow_run in zip((0, 1), reversed(commits[:2]), served["done"], strict=True):
+        assert yaml.safe_load(_git(bare, "show", f"{commit}:params.yaml"))["train"]["seed"] == seed
+        lock = yaml.safe_load(_git(bare, "show", f"{commit}:dvc.lock"))
+        flat = json.loads(_git(bare, "show", f"{commit}:metrics.json"))
+        assert 0 <= flat["mean_mtl_balanced_accuracy"] <= 1
+        registry = json.loads(_git(bare, "show", f"{commit}:reports/registry.json"))
+        assert registry["version"] == str(seed + 1)
+        for stage, out in (("train", "models"), ("preprocess", "data/preprocessed")):  # the model and the data
+            md5 = next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == out)
+            assert (storage / "files" / "md5" / md5[:2] / md5[2:]).is_file(), (stage, out, md5)
+        run = client.get_run(registry["run_id"])
+        assert run.data.tags["mtl.stage"] == "train" and run.data.params["train.seed"] == str(seed)
+        expected = {"mtl.revision": commit, "mtl.revision_ref": "refs/heads/retrains", "prefect.flow_run_id": flow_run["id"]}
+        version = client.get_model_version(registry["model_name"], registry["version"])
+        for tags in (run.data.tags, version.tags):
+            assert {k: tags.get(k) for k in expected} == expected
+            assert tags["prefect.flow_run_url"].endswith(f"/flow-run/{flow_run['id']}")
+            assert "DVC remote 'storage'" in tags["mtl.revision_push"] and "git remote 'origin'" in tags["mtl.revision_push"]
+        (link,) = _post(url, "/artifacts/filter", {
+            "artifacts": {"key": {"any_": [MLFLOW_RUN_ARTIFACT_KEY]}, "flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 5,
+        })  # fmt: skip
+        assert link["type"] == "markdown" or link["type"] == "link"
+        assert f"/#/experiments/{experiment}/runs/{registry['run_id']}" in json.dumps(link["data"])
 
 
 @pytest.mark.timeout(300)
@@ -174,17 +242,21 @@ def test_the_scheduled_run_retries_a_killed_stage_and_leaves_one_record(served: 
     assert "train: resuming MLflow run" in seen and "epoch 2, step 2 of it" in seen, messages[-80:]
 
     client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("mtl-pipeline").experiment_id], "tags.`mtl.stage` = 'train'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("mtl-pipeline").experiment_id],
+        f"tags.`mtl.stage` = 'train' and tags.`prefect.flow_run_id` = '{run['id']}'",
+    )  # fmt: skip
     assert [r.info.status for r in runs] == ["FINISHED"]  # the killed attempt's run, resumed and finished
-    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mean/accuracy")) == [1, 2]
-    assert json.loads((clone / "reports" / "registry.json").read_text())["champion_version"] == "1"
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "by_epoch/val/mean/accuracy")) == [1, 2]
+    first = runs[0].data.tags["mtl.revision"]  # what the first run left: its registry report and metrics
+    assert json.loads(_git(served["bare"], "show", f"{first}:reports/registry.json"))["champion_version"] == "1"
 
     (artifact,) = _post(url, "/artifacts/filter", {
         "artifacts": {"key": {"any_": [METRICS_ARTIFACT_KEY]}, "flow_run_id": {"any_": [run["id"]]}}, "limit": 5,
     })  # fmt: skip
     assert artifact["type"] == "table"
     table = json.loads(artifact["data"]) if isinstance(artifact["data"], str) else artifact["data"]
-    metrics = json.loads((clone / "reports" / "test_metrics.json").read_text())
+    metrics = json.loads(_git(served["bare"], "show", f"{first}:reports/test_metrics.json"))
     assert [r["task"] for r in table] == [*metrics["tasks"], "mean over tasks"]
     assert table[0]["accuracy"] == pytest.approx(metrics["tasks"]["shape"]["accuracy"], abs=1e-4)
 
@@ -278,6 +350,7 @@ def test_a_worker_of_a_process_pool_runs_the_prefect_yaml_deployment(served: dic
     assert "Stage 'train' didn't change, skipping" in messages, messages[:80]
     states = {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in _task_runs(url, run["id"])}
     assert states.pop("register") == "Completed" and states.pop("publish-metrics") == "Completed", states
+    assert states.pop("record-revision") == "Completed", states
     assert set(states.values()) == {"Skipped"} and len(states) == 8, states
     assert "stages run: register; skipped by DVC (up to date): ingest, preprocess, grouping, train, evaluate, baselines, all_in_one, compare" in messages
 

@@ -131,7 +131,7 @@ def test_dvc_repro_with_two_processes_resumes_a_kill_into_one_run_and_registers(
     exp = client.get_experiment_by_name("mtl-pipeline")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`mtl.stage` = 'train'")
     assert [r.info.status for r in runs] == ["FINISHED"]  # one run, resumed; none left RUNNING or FAILED
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mean/accuracy")]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "by_epoch/val/mean/accuracy")]
     assert sorted(steps) == [1, 2]
     summary = json.loads((clone / "reports" / "train_metrics.json").read_text())
     assert summary["device"] == "cpu x 2 processes"

@@ -246,3 +246,9 @@ def test_plots_diff_draws_the_training_curves_of_both_revisions(sweep: dict[str,
     assert len(revs) == 2 and set(accuracy["revisions"]) == revs, accuracy["revisions"]
     assert "reports/confusion_grid.png" in panels
     assert not any(name.startswith("reports/predictions/") for name in panels)
+    # each image of both revisions (cached outputs: read from the DVC cache for the committed baseline)
+    for name in ("reports/confusion_grid.png", "reports/training_curves.png", "reports/task_gradient_cosine.png", "reports/task_error_correlation.png"):
+        images = panels[name]
+        assert sorted(r for image in images for r in image["revisions"]) == sorted(revs), (name, images)
+        for image in images:
+            assert Path(image["url"]).read_bytes()[:4] == b"\x89PNG", image

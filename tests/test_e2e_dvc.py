@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.conftest import copy_working_tree, free_port, stage_env, stop_process, wait_until_serving, write_params
+from tests.test_plots_offline import external_loads
 
 pytestmark = pytest.mark.e2e
 TASKS = ["shape", "color", "size", "position"]
@@ -114,7 +116,47 @@ def test_dvc_plots_show_draws_each_plot_once_and_none_empty(repro: Path, tmp_pat
     html = dvc(repro, "plots", "show", "-o", str(tmp_path / "plots"))
     assert html.returncode == 0, html.stderr
     page = (tmp_path / "plots" / "index.html").read_text()
-    assert page.count("vegaEmbed(") == 2 and page.count("<img") == 4, page[:2000]
+    body = page.split("</head>", 1)[1]  # the plots (the head holds the Vega bundle, whose code has "<img" too)
+    assert body.count("vegaEmbed(") == 2 and body.count("<img") == 4, body[:2000]
+    # DVC used the project's page (.dvc/config plots.html_template): Vega inline, nothing from a CDN
+    assert external_loads(page) == [] and "window.vegaEmbed=" in page
+
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+    # the network off: every host unresolvable, every request through a proxy that is not there
+    "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9", "--virtual-time-budget=20000",
+]  # fmt: skip
+
+
+def _drawn_charts(page: Path, profile: Path) -> int:
+    """How many Vega charts headless Chromium drew in `page` with the network off (vega-embed's `marks`
+    element exists only once a chart is rendered)."""
+    done = subprocess.run(
+        [shutil.which("chromium") or "chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.count('class="marks"')
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed (apt-get install chromium)")
+def test_dvc_plots_show_draws_its_charts_in_a_browser_without_network(repro: Path, tmp_path: Path):
+    """The page `dvc plots show` writes, opened in headless Chromium that can reach no host: both charts
+    drawn. The same page with DVC's own CDN scripts in place of the inline bundle draws none (what users
+    saw offline), so the network is really off."""
+    html = dvc(repro, "plots", "show", "-o", str(tmp_path / "plots"))
+    assert html.returncode == 0, html.stderr
+    page = tmp_path / "plots" / "index.html"
+    assert _drawn_charts(page, tmp_path / "profile-1") == 2
+    from dvc_render.vega import VegaRenderer
+
+    text = page.read_text()
+    start, end = text.index('<script type="text/javascript">'), text.index("</script>") + len("</script>")
+    cdn = page.with_name("cdn.html")
+    cdn.write_text(text[:start] + VegaRenderer.SCRIPTS + text[end:])
+    assert _drawn_charts(cdn, tmp_path / "profile-2") == 0
 
 
 def test_mlflow_run_registry_and_loaded_model(repro: Path, monkeypatch: pytest.MonkeyPatch):

@@ -124,6 +124,27 @@ def test_the_confusion_grid_has_one_panel_per_task_coloured_by_row_share(tmp_pat
     assert [t.get_text() for t in panels[0].texts] == ["90", "0", "10", "0"]
     assert np.allclose(panels[0].images[0].get_array(), [[1.0, 0.0], [1.0, 0.0]])
     width, height = fig.get_size_inches()
-    assert width <= 12 and height <= 11  # 7 columns x 6 rows of 1.55-inch panels
+    assert width <= 12.5 and height <= 11  # 7 columns x 6 rows of ~1.57-inch panels
     plot_confusion_grid(confusions, classes, tmp_path / "grid.png")
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_few_tasks_get_large_panels_whole_class_names_and_a_title_that_fits(tmp_path: Path):
+    """The built-in dataset's four tasks: panels of 2.8 inches, not 1.55; `bottom_left` and `bottom_right`
+    written out (they were both "bottom"), a long name cut with an ellipsis; the title inside the figure."""
+    from PIL import Image
+
+    from mtl_core.figures.confusion import confusion_grid_figure, plot_confusion_grid
+
+    classes = {"shape": ["circle", "square"], "position": ["bottom_left", "bottom_right", "a_very_long_class_name"]}
+    confusions = {"shape": np.array([[3, 1], [0, 4]]), "position": np.eye(3, dtype=int) * 5}
+    fig = confusion_grid_figure(confusions, classes)
+    assert fig.get_size_inches()[0] >= 2 * 2.8
+    position = next(ax for ax in fig.axes if ax.get_title() == "position")
+    assert [t.get_text() for t in position.get_yticklabels()] == ["bottom_left", "bottom_right", "a_very_long_c…"]
+    plot_confusion_grid(confusions, classes, tmp_path / "grid.png")
+    fig.canvas.draw()
+    title = fig.get_suptitle() and fig._suptitle.get_window_extent()
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width  # not clipped at the sides
+    with Image.open(tmp_path / "grid.png") as image:
+        assert image.size[0] >= 600 and image.size[1] >= 350

@@ -45,9 +45,11 @@ def test_a_new_experiment_opens_on_training_runs_with_the_results_view(tmp_path:
     assert tags[PRIMARY_METRIC_TAG] == "test/mean/balanced_accuracy" and "mtl-<weighting>-<backbone>" in tags[NOTE_TAG]
     view = _view(tags)
     assert view["orderByKey"] == "metrics.`test/mean/balanced_accuracy`" and view["orderByAsc"] is False
-    assert view["selectedColumns"][:4] == [
-        "metrics.`test/mean/balanced_accuracy`", "metrics.`test/mean/accuracy`",
+    # after the run's name: Δm and the mean balanced accuracy, rounded, under headers a column shows whole
+    assert view["selectedColumns"][:6] == [
+        "metrics.`delta_m`", "metrics.`mean_bal_acc`", "metrics.`test/mean/accuracy`",
         "metrics.`compare/delta_m_pct/balanced_accuracy`", "metrics.`compare/delta_m_pct/accuracy`",
+        "metrics.`test/mean/balanced_accuracy`",
     ]  # fmt: skip
     assert results_view_path(exp_id) == (
         f"/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={RESULTS_VIEW}"
@@ -57,14 +59,14 @@ def test_a_new_experiment_opens_on_training_runs_with_the_results_view(tmp_path:
     publish_results_view(exp_id, ["shape", "color"])
     first = MlflowClient().get_experiment(exp_id).tags[VIEW_TAG]
     columns = _view({VIEW_TAG: first})["selectedColumns"]
-    assert columns[:5] == ["metrics.`test/mean/balanced_accuracy`", "metrics.`test/mean/accuracy`"] + [
+    assert columns[:6] == ["metrics.`delta_m`", "metrics.`mean_bal_acc`", "metrics.`test/mean/accuracy`"] + [
         f"metrics.`test/{t}/balanced_accuracy`" for t in ("shape", "color")
     ] + ["metrics.`compare/delta_m_pct/balanced_accuracy`"]
     publish_results_view(exp_id, ["shape", "color"])
     assert MlflowClient().get_experiment(exp_id).tags[VIEW_TAG] == first  # nothing to add: not rewritten
     publish_results_view(exp_id, ["digit"])
     columns = _view(MlflowClient().get_experiment(exp_id).tags)["selectedColumns"]
-    assert "metrics.`test/shape/balanced_accuracy`" in columns and columns.index("metrics.`test/digit/balanced_accuracy`") == 2
+    assert "metrics.`test/shape/balanced_accuracy`" in columns and columns.index("metrics.`test/digit/balanced_accuracy`") == 3
 
 
 def test_an_older_experiment_gets_the_missing_settings_and_keeps_the_users(tmp_path: Path):
@@ -130,3 +132,17 @@ def test_the_per_task_mlflow_table_has_the_imbalance_proof_metrics_as_columns():
     assert rows[1]["balanced_accuracy"] == 0.55 and rows[1]["auroc"] is None and rows[1]["average_precision"] is None
     frame = pd.DataFrame(rows)
     assert {"task", "accuracy", "balanced_accuracy", "auroc", "average_precision", "support", "majority_rate"} <= set(frame.columns)
+
+
+def test_a_description_section_is_replaced_in_place_and_added_once():
+    """The compare stage rewrites its section of a run's description each time it runs (evaluate wrote the
+    rest): the section is replaced, not repeated, and what follows it is kept."""
+    from mtl_core.tracking.views import with_section
+
+    text = "intro\n\n| table |\n"
+    once = with_section(text, "Δm", "first")
+    assert once == "intro\n\n| table |\n\n### Δm\n\nfirst\n"
+    assert with_section(once, "Δm", "second") == "intro\n\n| table |\n\n### Δm\n\nsecond\n"
+    both = with_section(once, "other", "kept")
+    assert with_section(both, "Δm", "new") == "intro\n\n| table |\n\n### other\n\nkept\n\n### Δm\n\nnew\n"
+    assert with_section(both, "Δm", None) == "intro\n\n| table |\n\n### other\n\nkept\n"

@@ -517,3 +517,68 @@ def test_a_register_killed_after_creating_its_version_is_finished_by_the_next_pi
     assert client.get_model_version(name, "2").tags[DECISION_TAG] == report.reason
     running = client.search_runs([old.info.experiment_id], "attributes.status = 'RUNNING'")
     assert [r.info.run_id for r in running] == [held["live"]]
+
+
+def _hand_made_comparison(tasks: list[str], verdicts: bool) -> dict:
+    """A comparison report as the compare stage writes it, with round numbers to check the tables by hand:
+    task k: multi-task 0.5 + 0.1 k against single-task 0.5, so the differences are 0, 20, 40, 60 % and
+    Δm their mean, 30 %."""
+    per_task = {}
+    for k, task in enumerate(tasks):
+        entry = {"balanced_accuracy": {"mtl": 0.5 + 0.1 * k, "stl": 0.5, "relative_pct": 20.0 * k}}
+        if verdicts:
+            entry["verdict"] = "better" if k else "no significant difference"
+        per_task[task] = entry
+    return {"enabled": True, "primary_metric": "balanced_accuracy", "tasks": per_task,
+            "delta_m_pct": {"balanced_accuracy": 10.0 * (len(tasks) - 1)}, "negative_transfer": []}  # fmt: skip
+
+
+def test_the_registered_model_has_a_signature_an_example_and_its_card(fresh, tmp_path: Path):
+    """What someone who only sees the registry reads: the model's inputs (a uint8 image tensor) and outputs
+    in its signature, an input example, the card as the registered model's description and as
+    model_card.md in the model's folder (the same text), naming every task and class, the data, how to
+    call it, each task's test accuracy and Δm; the version's description has Δm per task."""
+    from mlflow.models import get_model_info
+
+    root, cfg, paths = fresh
+    _above_chance_metrics(paths)
+    tasks = json.loads(paths.model_spec.read_text())["tasks"]
+    paths.comparison.write_text(json.dumps(_hand_made_comparison(list(tasks), verdicts=False)))
+    report = run_register(cfg, root)
+    name, client = cfg.mlflow.model_name, MlflowClient()
+
+    info = get_model_info(f"models:/{name}/{report.version}")
+    (spec,) = info.signature.inputs.inputs
+    assert (spec.type, spec.shape) == (np.dtype(np.uint8), (-1, -1, -1, 3))
+    assert {f"{t}_probability" for t in tasks} <= set(info.signature.outputs.input_names())
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{report.version}", dst_path=str(tmp_path / "m")))
+    example = json.loads((folder / "serving_input_example.json").read_text())["inputs"]
+    assert np.asarray(example).shape[1:] == (paths and np.load(paths.images_cache("test"), mmap_mode="r").shape[1:])
+
+    card = (folder / "model_card.md").read_text()
+    assert card == paths.model_card.read_text() == client.get_registered_model(name).description
+    assert card.startswith(f"# {name} version {report.version}")
+    for task, classes in tasks.items():
+        assert f"| {task} | {len(classes)} | " + ", ".join(f"`{c}`" for c in classes) + " |" in card
+    metrics = json.loads(paths.test_metrics.read_text())
+    for task, values in metrics["tasks"].items():
+        assert f"| {task} | {values['accuracy']:.3f}" in card
+    run = client.get_run(report.run_id)
+    assert run.data.tags["dvc.data_md5"] in card if "dvc.data_md5" in run.data.tags else "source: `builtin:shapes`" in card
+    assert run.data.tags["data.manifest_sha256"] in card and "uint8" in card and f"models:/{name}/{report.version}" in card
+    assert "**Δm = +30.00 %**" in card and "| size | 0.700 | 0.500 | +40.00 % |" in card
+    assert "significance" not in card  # no verdicts in the report: no column for them
+
+    description = client.get_model_version(name, report.version).description
+    assert "### Multi-task against single-task" in description and "| **Δm** | | | **+30.00 %** | |" in description
+    for k, task in enumerate(tasks):
+        assert f"| {task} | {0.5 + 0.1 * k:.3f} | 0.500 | {20.0 * k:+.2f} % | |" in description
+
+    # once the comparison has verdicts (issue "never worse"), a significance column shows them
+    paths.comparison.write_text(json.dumps(_hand_made_comparison(list(tasks), verdicts=True)))
+    run_register(cfg, root)
+    description = client.get_model_version(name, report.version).description
+    assert "| negative transfer | significance |" in description
+    first = next(iter(tasks))
+    assert f"| {first} | 0.500 | 0.500 | +0.00 % | | no significant difference |" in description
+    assert client.get_registered_model(name).description.count("| better |") == len(tasks) - 1

@@ -116,7 +116,7 @@ def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(weighting: str, pre
     client, runs = train_runs(root)
     assert [r.info.status for r in runs] == ["FINISHED"]  # one run, the killed attempt's, finished
     for key in ("val/mean/accuracy", "train/mean/loss"):
-        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, f"by_epoch/{key}")]
         assert sorted(steps) == [1, 2], (key, steps)  # one value per epoch, none twice
 
 
@@ -156,7 +156,7 @@ def test_a_changed_learning_rate_starts_over_and_fails_the_killed_run(prepared: 
     assert list(status.values()) == ["FINISHED"]
     new_run = client.get_run(next(iter(status)))
     assert new_run.data.params["train.lr"] == "0.004"
-    assert [m.step for m in client.get_metric_history(new_run.info.run_id, "val/mean/accuracy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(new_run.info.run_id, "by_epoch/val/mean/accuracy")] == [1, 2]
 
 
 @pytest.mark.timeout(600)
@@ -219,7 +219,7 @@ def test_the_baselines_stage_resumes_per_task(prepared: Path, tmp_path: Path) ->
     assert sorted(after) == ["color", "position", "shape", "size"]
     assert all(r.info.status == "FINISHED" for r in after.values())
     assert {t: after[t].info.run_id for t in before} == {t: r.info.run_id for t, r in before.items()}
-    assert [m.step for m in client.get_metric_history(after["shape"].info.run_id, "val/mean/accuracy")] == [1]
+    assert [m.step for m in client.get_metric_history(after["shape"].info.run_id, "by_epoch/val/mean/accuracy")] == [1]
     report = __import__("json").loads((root / "reports" / "single_task_metrics.json").read_text())
     assert sorted(report["tasks"]) == ["color", "position", "shape", "size"]
     assert not (root / "checkpoints" / "baselines").exists()

@@ -64,7 +64,7 @@ def test_mlflow_run_has_per_epoch_per_task_metrics_params_tags_and_dataset(proje
         for split in ("train", "val"):
             for m in ("loss", "accuracy"):
                 key = f"{split}/{t}/{m}"
-                logged = client.get_metric_history(run.info.run_id, key)
+                logged = client.get_metric_history(run.info.run_id, f"by_epoch/{key}")  # the learning curves first in the UI
                 assert [p.step for p in logged] == list(history["epoch"])
                 assert [p.value for p in logged] == pytest.approx(list(history[key]))
     assert run.data.params["train.epochs"] == str(cfg.train.epochs)

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 GRID_COLUMNS = 8
-PANEL_INCHES = 1.55  # one task's panel
+PANEL_INCHES = (1.55, 2.8)  # one task's panel: the smallest (many tasks) and the largest (a few)
+GRID_WIDTH_INCHES = 11.0  # the panels share about this width, within PANEL_INCHES
 ANNOTATE_MAX_CLASSES = 4  # a panel with more classes shows colours only
+CLASS_NAME_CHARS = 14  # a longer class name is cut, with "…" (bottom_left and bottom_right stay apart)
 
 
 def row_shares(matrix: np.ndarray) -> np.ndarray:
@@ -57,36 +59,46 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], task: str, out: P
     confusion_figure(matrix, classes, task).savefig(out, dpi=100)
 
 
+def _short(name: object) -> str:
+    text = str(name)
+    return text if len(text) <= CLASS_NAME_CHARS else text[: CLASS_NAME_CHARS - 1] + "…"
+
+
 def confusion_grid_figure(confusions: Mapping[str, np.ndarray], classes: Mapping[str, Sequence[str]]) -> Figure:
     """Small multiples, one panel per task (at most GRID_COLUMNS a row): the task's matrix coloured by row
-    share, each cell with its count; the classes label the first column's rows and the last row's columns
-    of each panel, abbreviated."""
+    share, each cell with its count; the classes label each panel's rows and columns (cut after
+    CLASS_NAME_CHARS characters). Panels are as large as about GRID_WIDTH_INCHES allows, so a few tasks get
+    readable panels and forty still fit one figure."""
     from matplotlib.figure import Figure
 
     tasks = list(confusions)
     rows, columns = grid_shape(len(tasks), GRID_COLUMNS)
-    fig = Figure(figsize=(PANEL_INCHES * columns + 0.4, PANEL_INCHES * rows + 0.8), layout="constrained")
+    panel = min(PANEL_INCHES[1], max(PANEL_INCHES[0], GRID_WIDTH_INCHES / columns))
+    small = panel < 2
+    fig = Figure(figsize=(panel * columns + 0.6, panel * rows + 1.0), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    tick, cell = (5, 6) if small else (7, 8)
     for task, ax in zip(tasks, axes, strict=False):
         matrix = np.asarray(confusions[task])
-        names = [str(c)[:6] for c in classes[task]]
+        names = [_short(c) for c in classes[task]]
         shares = row_shares(matrix)
         ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-        ax.set_title(task, fontsize=7)
-        ax.set_xticks(range(len(names)), names, fontsize=5)
-        ax.set_yticks(range(len(names)), names, fontsize=5)
+        ax.set_title(task, fontsize=tick + 2)
+        ax.set_xticks(range(len(names)), names, fontsize=tick, rotation=40, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(len(names)), names, fontsize=tick)
         ax.tick_params(length=0, pad=1)
         if len(names) <= ANNOTATE_MAX_CLASSES:
             for (i, j), v in np.ndenumerate(matrix):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white" if shares[i, j] > 0.5 else "black")
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=cell, color="white" if shares[i, j] > 0.5 else "black")
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
     fig.suptitle(
-        "confusion per task (test): rows true, columns predicted; colour: share of the true class", fontsize=8
+        "confusion per task (test split)\nrows: true class, columns: predicted; colour: share of the true class",
+        fontsize=tick + 2,
     )
     return fig
 
 
 def plot_confusion_grid(confusions: Mapping[str, np.ndarray], classes: Mapping[str, Sequence[str]], out: Path) -> None:
     """`confusion_grid_figure`, saved as a PNG."""
-    confusion_grid_figure(confusions, classes).savefig(out, dpi=100)
+    confusion_grid_figure(confusions, classes).savefig(out, dpi=110)

@@ -21,6 +21,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import mtl_core
 from mtl_core.registry import CHAMPION
@@ -81,21 +82,40 @@ def logged_model_of_run(run: mlflow.ActiveRun, weights_sha: str) -> str | None:
     return max(ready, key=lambda m: m.creation_timestamp).model_uri if ready else None
 
 
+# The input contract as MLflow shows it (the model page's *Inputs*): uint8 RGB images (N, H, W, 3), any
+# N, H, W. See `image_signature` for why MLflow must not enforce it itself.
+IMAGE_INPUT = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
+
+
+def image_signature(example: np.ndarray, output: object) -> ModelSignature:
+    """The logged model's signature: inputs `IMAGE_INPUT`, outputs the prediction table's columns, and one
+    parameter, `raw` (default false: calibrated probabilities; true: the network's own softmax).
+
+    MLflow's scoring server casts a JSON request to the input schema's dtype before the model sees it
+    (`np.array(inputs, dtype=uint8)` in `mlflow.utils.proto_json_utils.convert_data_type`): a float image
+    in [0, 1] became zeros and was answered with HTTP 200. For a signature that comes from type hints it
+    does not: the request's `inputs` reach the model as sent, and the model validates them
+    (`predictor.as_image_batch`: 400 with a one-line message for floats, values outside 0-255, other
+    channel counts). So the signature carries that mark (`is_signature_from_type_hint: true` in MLmodel):
+    MLflow shows the uint8 tensor as the model's inputs, and leaves the checking to the model, whose checks
+    are stricter than a dtype cast. tests/test_predict.py serves the model and sends it a float image."""
+    params = ParamSchema([ParamSpec("raw", "boolean", False)])  # pyfunc_model: predict(..., params={"raw": true})
+    signature = ModelSignature(inputs=IMAGE_INPUT, outputs=infer_signature(example, output).outputs, params=params)
+    signature._is_signature_from_type_hint = True  # MLflow's own switch (mlflow.models.signature), see above
+    return signature
+
+
 def log_model(spec: Path, weights: Path, example_images: Path, weights_sha: str) -> str:
-    """Log the pyfunc. Its signature has outputs only: an input schema of uint8 tensors makes MLflow's
-    scoring server cast a JSON request to uint8 before the model sees it (a float image in [0, 1] became
-    zeros, answered with HTTP 200), so the model checks dtype, range and channels itself
-    (`predictor.as_image_batch`); the input example (the first two images of `example_images`, a uint8
-    image cache) shows the format."""
+    """Log the pyfunc with its input contract (`image_signature`) and the first two images of
+    `example_images` (a uint8 image cache) as input example."""
     predictor = MultiTaskPredictor(spec, weights)
     example = np.load(example_images, mmap_mode="r")[:2].copy()
-    signature = ModelSignature(outputs=infer_signature(example, predictor.predict_images(example)).outputs)
     info = mlflow.pyfunc.log_model(
         name=LOGGED_MODEL_NAME,
         python_model=str(PYFUNC_CODE),
         artifacts={"spec": str(spec), "weights": str(weights)},
         code_paths=[str(Path(mtl_core.__file__).parent)],
-        signature=signature,
+        signature=image_signature(example, predictor.predict_images(example)),
         input_example=example,
         pip_requirements=_pip_requirements(),
         metadata={"tasks": predictor.spec["tasks"], "image_size": predictor.spec["image_size"]},
@@ -162,3 +182,20 @@ def recorded_tasks(client: MlflowClient, name: str, version: str) -> tuple[str |
     except (MlflowException, OSError, ValueError, KeyError):
         return None, None
     return task_set_sha256(tasks), tasks
+
+
+def publish_card(client: MlflowClient, name: str, version: str, card: Path, as_description: bool) -> None:
+    """Put the model card `card` into the folder of the version's logged model (`model_card.md` beside
+    `MLmodel`), and make it the registered model's description when `as_description` (the version is
+    champion, or the registered model has no description yet); the store keeps 5,000 characters of a
+    description, so a longer card is cut there with a pointer to the whole file."""
+    registered = client.get_model_version(name, version)
+    # the logged model's id: MLflow 3's SQLite store leaves `model_id` empty and names it in the source
+    model_id = registered.model_id or registered.source.removeprefix("models:/").split("/")[0]
+    client.log_model_artifact(model_id, str(card))
+    if as_description:
+        text = card.read_text()
+        if len(text) > MAX_TAG_VALUE:
+            note = f"\n\n(cut here: the whole card is `{card.name}` in the folder of version {version}'s model)\n"
+            text = text[: MAX_TAG_VALUE - len(note)] + note
+        client.update_registered_model(name, description=text)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl_core.config import PipelineConfig
-from mtl_core.paths import ProjectPaths
+from mtl_core.paths import NOT_TRAINED_FILE, ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.training import checkpoint
 from mtl_core.training.groups import resolve_task_groups
@@ -62,6 +62,7 @@ def run_all_in_one(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict
     if (reason := disabled_reason(cfg)) is not None:
         report: dict[str, Any] = {"enabled": False, "reason": reason}
         out.write_text(json.dumps(report, indent=2) + "\n")
+        (folder / NOT_TRAINED_FILE).write_text(f"no all-in-one reference trained: {reason}\n")
         log.info("all_in_one: %s; nothing trained", reason)
         return report
     (job,) = plan(cfg, paths)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl_core.config import PipelineConfig
-from mtl_core.paths import ProjectPaths
+from mtl_core.paths import NOT_TRAINED_FILE, ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.training import checkpoint
 from mtl_core.training.model_files import ModelFiles
@@ -64,6 +64,7 @@ def run_baselines(cfg: PipelineConfig, root: Path, fresh: bool = False) -> dict[
     if not cfg.compare.single_task:
         report: dict[str, Any] = {"enabled": False, "reason": "compare.single_task is false"}
         paths.single_task_metrics.write_text(json.dumps(report, indent=2) + "\n")
+        (paths.single_task_dir / NOT_TRAINED_FILE).write_text(f"no single-task model trained: {report['reason']}\n")
         log.info("baselines: compare.single_task is false; no single-task model trained")
         return report
     return _train_baselines(cfg, paths, plan(cfg, paths), fresh)

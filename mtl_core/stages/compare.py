@@ -31,6 +31,7 @@ from mtl_core.evaluation.solutions import markdown, solutions_table
 from mtl_core.evaluation.task_grouping import format_groups, mean_gradient_cosine, propose_grouping
 from mtl_core.paths import TEST_PREDICTIONS_FILE, ProjectPaths
 from mtl_core.tracking.runs import model_run
+from mtl_core.tracking.views import COMPARISON_HEADING, DELTA_M_DECIMALS, DELTA_M_METRIC, NOTE_TAG, comparison_markdown, with_section
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,9 @@ def run_compare(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
         else:
             log.info("the task-gradient affinities measured in training do not suggest splitting the tasks")
 
-    with model_run(cfg, root, "compare"):
+    with model_run(cfg, root, "compare") as run:
         metrics = {f"compare/delta_m_pct/{m}": v for m, v in table["delta_m_pct"].items()}
+        metrics[DELTA_M_METRIC] = round(table["delta_m_pct"][primary], DELTA_M_DECIMALS)  # the Results view's column
         metrics.update(
             {f"compare/{t}/{m}/relative_pct": v[m]["relative_pct"] for t, v in table["tasks"].items() for m in v}
         )
@@ -179,4 +181,7 @@ def run_compare(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
                                 f"compare/{name}/parameters": row["parameters"]})  # fmt: skip
         if suggestion is not None:
             mlflow.set_tag("mtl.suggested_task_groups", format_groups(suggestion["groups"]))
+        # the run's description (evaluate's per-task test table) gets Δm and the per-task comparison
+        note = mlflow.MlflowClient().get_run(run.info.run_id).data.tags.get(NOTE_TAG, "")
+        mlflow.set_tag(NOTE_TAG, with_section(note, COMPARISON_HEADING, comparison_markdown(report)))
     return report

@@ -47,7 +47,8 @@ from mtl_core.runtime import select_device
 from mtl_core.tasks import MISSING_LABEL, majority_rates
 from mtl_core.tracking.runs import model_run
 from mtl_core.tracking.views import (
-    NOTE_TAG, TABLE_FILE, log_table_replacing, per_task_rows, publish_results_view, results_view_path, run_description,
+    ACCURACY_DECIMALS, MEAN_BALANCED_ACCURACY_METRIC, NOTE_TAG, TABLE_FILE, log_table_replacing, per_task_rows,
+    publish_results_view, results_view_path, run_description, ui_base_url,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,8 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
         flat = {f"test/{t}/{m}": float(v) for t, vs in per_task.items() for m, v in vs.items() if m != "support"}
         flat.update({f"test/mean/{m}": v for m, v in mean.items()})
         flat.update({f"calibration/{t}/{k}": v for t, c in ece.items() for k, v in c.items() if np.isfinite(v)})
+        if "balanced_accuracy" in mean:  # the Results view's rounded headline column
+            flat[MEAN_BALANCED_ACCURACY_METRIC] = round(float(mean["balanced_accuracy"]), ACCURACY_DECIMALS)
         mlflow.log_metrics(flat)
         log_table_replacing(pd.DataFrame(per_task_rows(per_task, majority)).round(4), TABLE_FILE)
         what = (
@@ -205,7 +208,8 @@ def run_evaluate(cfg: PipelineConfig, root: Path) -> EvaluateResult:
             if figure.is_file():
                 mlflow.log_artifact(str(figure), artifact_path="images")
         mlflow.set_tag("mtl.evaluated", "true")
-        log.info("MLflow UI: every run's results at <mlflow ui address>%s", results_view_path(run.info.experiment_id))
+        base = ui_base_url(mlflow.get_tracking_uri(), cfg.mlflow.ui_url)
+        log.info("MLflow UI (mlflow.ui_url): every run's results at %s%s", base, results_view_path(run.info.experiment_id))
     log.info(
         "evaluate: %.1f s, of which %.1f s for the image reports (errors, calibration, label problems, Grad-CAM)",
         time.perf_counter() - start, image_seconds,

@@ -13,6 +13,12 @@ such as the same model registered again, leaves the alias). The decision and its
 `mtl.gate_failures`, `mtl.gate_reason`).
 
 Registration is idempotent per run (registry.versions).
+
+The version's description is its per-task test table and, when the model was compared with single-task
+models (reports/comparison.json, a dependency of this stage in dvc.yaml), Δm per task; its model card
+(registry.model_card: what it predicts, its input contract, its data, how to call it, its results) goes to
+`reports/model_card.md`, into the logged model's folder, and, while it is champion, into the registered
+model's description.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from mtl_core.hashing import file_sha256
 from mtl_core.paths import ProjectPaths
 from mtl_core.registry.champion import decide, finish_pending
 from mtl_core.registry.gate import champion_gate
+from mtl_core.registry.model_card import CardFacts, DataRevision, model_card
 from mtl_core.registry.solutions import Solution, registered_solution
 from mtl_core.registry.versions import (
     DECISION_TAG, GATE_FAILURES_TAG, GATE_REASON_TAG, GATE_TAG, MAX_TAG_VALUE, PENDING, SCORE_TAG, TASK_SET_SHA_TAG,
-    TEST_DATA_TAG, WEIGHTS_TAG, log_model, logged_model_of_run, test_split_sha256, version_of_run, version_tags_for,
+    TEST_DATA_TAG, WEIGHTS_TAG, log_model, logged_model_of_run, publish_card, test_split_sha256, version_of_run,
+    version_tags_for,
 )  # fmt: skip
 from mtl_core.tasks import TaskSpec, majority_counts
 from mtl_core.tracking.runs import model_run
@@ -66,6 +74,35 @@ class RegistryReport:
 
 def _finite_or_none(x: float) -> float | None:
     return x if isinstance(x, int | float) and math.isfinite(x) else None
+
+
+def _comparison(paths: ProjectPaths) -> dict | None:
+    """reports/comparison.json, when the compare stage has written one (dvc.yaml runs it first)."""
+    return json.loads(paths.comparison.read_text()) if paths.comparison.is_file() else None
+
+
+def _card_facts(
+    paths: ProjectPaths, solution: Solution, run, name: str, version: str, verdict: str, metrics: dict, majority: dict
+) -> CardFacts:  # fmt: skip
+    spec = json.loads(Path(solution.spec).read_text())
+    tags = run.data.tags
+    method = (
+        f"weighting `{tags.get('mtl.weighting', '?')}`, architecture `{spec['arch']}`, backbone `{spec['backbone']}`"
+    )
+    if spec.get("task_groups"):
+        method += ", one network per task group: " + "; ".join(", ".join(g) for g in spec["task_groups"])
+    if solution.name != "trained":
+        method += f" (the solution compare selected: {solution.name})"
+    images = {s: int(np.load(paths.labels_cache(s), mmap_mode="r").shape[0]) for s in ("train", "val", "test")}
+    data = DataRevision(
+        source=run.data.params.get("data.source", "?"), dvc_md5=tags.get("dvc.data_md5"),
+        manifest_sha256=tags.get("data.manifest_sha256"), git_commit=tags.get("git_commit"), images=images,
+    )  # fmt: skip
+    return CardFacts(
+        model_name=name, version=version, run_name=run.info.run_name, run_id=run.info.run_id, method=method,
+        tasks=spec["tasks"], image_size=int(spec["image_size"]), data=data, per_task=metrics.get("tasks", {}),
+        mean=metrics.get("mean", {}), majority=majority, gate=verdict, comparison=_comparison(paths),
+    )  # fmt: skip
 
 
 def run_register(cfg: PipelineConfig, root: Path) -> RegistryReport:
@@ -120,7 +157,8 @@ def _register(cfg: PipelineConfig, paths: ProjectPaths, solution: Solution) -> R
         if gate.at_chance:
             verdict += f"; no better than chance on {', '.join(gate.at_chance)}"
         description = version_description(
-            client.get_run(run_id).info.run_name, run_id, verdict, metrics.get("tasks", {}), metrics.get("mean", {}), majority
+            client.get_run(run_id).info.run_name, run_id, verdict, metrics.get("tasks", {}), metrics.get("mean", {}), majority,
+            _comparison(paths),
         )
         if solution.note:  # how the registered solution was chosen (compare.select), or that it is unverified
             description = f"{solution.note}\n\n{description}"
@@ -133,6 +171,11 @@ def _register(cfg: PipelineConfig, paths: ProjectPaths, solution: Solution) -> R
         moved, champion, reason = decision.moved, decision.champion, decision.reason
         prev_version, prev_score = decision.previous, decision.previous_score
         (log.info if moved or champion == version else log.warning)("register: %s", reason)
+
+        card = model_card(_card_facts(paths, solution, client.get_run(run_id), name, version, verdict, metrics, majority))
+        paths.model_card.write_text(card)
+        first_description = not client.get_registered_model(name).description
+        publish_card(client, name, version, paths.model_card, as_description=champion == version or first_description)
 
         report = RegistryReport(
             model_name=name,

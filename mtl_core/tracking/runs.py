@@ -225,3 +225,17 @@ def log_training_data(cfg: PipelineConfig, paths: ProjectPaths) -> None:
     mlflow.log_artifact(str(paths.data_report), artifact_path="data")
     if (paths.root / "params.yaml").is_file():
         mlflow.log_artifact(str(paths.root / "params.yaml"))
+
+
+def tag_run_and_version(
+    uri: str, run_id: str, tags: Mapping[str, str], model_name: str | None = None, version: str | None = None
+) -> None:
+    """Set `tags` on a finished run and, when given, on its registered model version (a flow run names
+    the revision and the Prefect flow run behind both, after the stages)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+        if model_name and version:
+            client.set_model_version_tag(model_name, version, key, value)

@@ -43,19 +43,29 @@ EXPERIMENT_NOTE = """Runs of the mtl-pipeline, named after what they trained:
   not hard sharing, `-groups` marks a model of task groups); its description has the per-task test table;
 * `stl-<task>-<backbone>`: the single-task baseline of one task, for Δm (`compare/delta_m_pct/<metric>`).
 
-The saved view *Results* (Views menu) shows the mean test balanced accuracy and accuracy, the balanced
-accuracy of every task and Δm, best run first (balanced accuracy: a head that always answers the majority
-class scores chance, 1/classes, however imbalanced the task).
+The saved view *Results* (Views menu) shows, after the run's name, Δm (`delta_m`, in %, rounded) and the
+mean test balanced accuracy (`mean_bal_acc`, rounded), then the mean accuracy, the balanced accuracy of
+every task and Δm unrounded, best run first (balanced accuracy: a head that always answers the majority
+class scores chance, 1/classes, however imbalanced the task). In a run's *Model metrics* tab the learning
+curves (`by_epoch/...`) come first.
 """
+# The headline numbers, rounded, under names short enough for a runs-table column header: the first
+# columns of the *Results* view (the unrounded values stay in `compare/delta_m_pct/<metric>` and
+# `test/mean/<metric>`). `delta_m` is named as in metrics.json (`dvc metrics show`, `dvc exp show`).
+DELTA_M_METRIC = "delta_m"  # Δm in % on compare.metrics[0], 2 decimals (compare stage)
+MEAN_BALANCED_ACCURACY_METRIC = "mean_bal_acc"  # the mean test balanced accuracy, 3 decimals (evaluate stage)
+DELTA_M_DECIMALS, ACCURACY_DECIMALS = 2, 3
 
 
 def results_view_state(tasks: list[str] | tuple[str, ...] = (), keep: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """The runs table of the saved view *Results*: the mean test balanced accuracy, the mean accuracy, the
-    per-task balanced accuracy, Δm on both and the registered model as columns (then those of `keep` not
-    among them), sorted by the mean test balanced accuracy, best first."""
+    """The runs table of the saved view *Results*: after the run's name (always the first column), Δm and
+    the mean test balanced accuracy, rounded; then the mean accuracy, the per-task balanced accuracy, Δm on
+    both metrics unrounded and the registered model as columns (then those of `keep` not among them),
+    sorted by the mean test balanced accuracy, best first."""
     metrics = [
-        PRIMARY_METRIC, "test/mean/accuracy", *(f"test/{t}/balanced_accuracy" for t in tasks),
-        "compare/delta_m_pct/balanced_accuracy", "compare/delta_m_pct/accuracy",
+        DELTA_M_METRIC, MEAN_BALANCED_ACCURACY_METRIC, "test/mean/accuracy",
+        *(f"test/{t}/balanced_accuracy" for t in tasks),
+        "compare/delta_m_pct/balanced_accuracy", "compare/delta_m_pct/accuracy", PRIMARY_METRIC,
     ]  # fmt: skip
     ours = [f"metrics.`{m}`" for m in metrics] + ["attributes.`Models`", "attributes.`Dataset`"]
     columns = list(dict.fromkeys([*ours, *keep]))
@@ -78,6 +88,21 @@ def results_view_path(experiment_id: str) -> str:
     """The UI path (after the server's address) that opens the experiment's runs on the *Results* view,
     in the "Model training" mode whatever the browser had chosen."""
     return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={RESULTS_VIEW}"
+
+
+def ui_base_url(tracking_uri: str, ui_url: str) -> str:
+    """Where the MLflow UI of `tracking_uri` is: the tracking server itself (http, https), else `ui_url`
+    (mlflow.ui_url: where `mlflow ui` serves a local store)."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else ui_url
+    return base.rstrip("/")
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def version_url(base: str, model_name: str, version: str) -> str:
+    return f"{base}/#/models/{model_name}/versions/{version}"
 
 
 def ui_experiment_tags() -> dict[str, str]:
@@ -174,13 +199,86 @@ def run_description(
 
 def version_description(
     run_name: str, run_id: str, gate: str, per_task: Mapping[str, Mapping[str, float]], mean: Mapping[str, float],
-    majority: Mapping[str, float] | None = None,
+    majority: Mapping[str, float] | None = None, comparison: Mapping[str, Any] | None = None,
 ) -> str:
-    """The model version's description: its run, the champion gate's verdict, the per-task test table."""
-    return (
+    """The model version's description: its run, the champion gate's verdict, the per-task test table and,
+    when the model was compared with single-task models (`comparison`: reports/comparison.json), Δm and
+    the per-task comparison."""
+    text = (
         f"Trained by run **{run_name}** (`{run_id}`). Champion gate: {gate}.\n\n"
         f"Test split, per task:\n\n{task_table_markdown(per_task, mean, majority)}\n"
     )
+    if comparison and comparison.get("enabled"):
+        text = with_section(text, COMPARISON_HEADING, comparison_markdown(comparison))
+    return text
+
+
+# ------------------------------------------------------------------------------ Δm and the comparison
+
+COMPARISON_HEADING = "Multi-task against single-task"
+VERDICT_KEY = "verdict"
+"""Where the per-task significance verdict (`better`, `worse`, `no significant difference`) is read from
+in reports/comparison.json: `verdicts.<task>.verdict` (the compare stage's paired bootstrap), else
+`tasks.<task>.verdict` or `tasks.<task>.<primary metric>.verdict`. A report without one (compare.significance
+off, an older report) gives the tables no significance column."""
+
+
+def task_verdict(report: Mapping[str, Any], task: str) -> str | None:
+    """The significance verdict of `task` in the comparison report (VERDICT_KEY), None when it has none."""
+    entry = report.get("tasks", {}).get(task, {})
+    verdict = (report.get("verdicts") or {}).get(task, {}).get(VERDICT_KEY) or entry.get(VERDICT_KEY)
+    if verdict is None and isinstance(entry.get(report.get("primary_metric")), Mapping):
+        verdict = entry[report["primary_metric"]].get(VERDICT_KEY)
+    return str(verdict) if verdict is not None else None
+
+
+def comparison_markdown(report: Mapping[str, Any]) -> str:
+    """Δm and, per task, the multi-task and single-task test value of the primary metric and their relative
+    difference (negative transfer marked), with a significance column when the report has verdicts."""
+    primary = report["primary_metric"]
+    delta = report["delta_m_pct"]
+    tasks = {t: v[primary] for t, v in report["tasks"].items() if isinstance(v.get(primary), Mapping)}
+    verdicts = {t: task_verdict(report, t) for t in tasks}
+    significance = any(verdicts.values())
+    columns = ["task", "multi-task", "single-task", "difference", "negative transfer"] + (["significance"] if significance else [])
+    lines = [_row(columns), "|:--|--:|--:|--:|:--|" + (":--|" if significance else "")]
+    for task, v in tasks.items():
+        cells = [task, _cell(_number(v["mtl"])), _cell(_number(v["stl"])), _pct(v["relative_pct"]),
+                 "yes" if task in report.get("negative_transfer", []) else ""]  # fmt: skip
+        lines.append(_row(cells + ([verdicts[task] or ""] if significance else [])))
+    lines.append(_row(["**Δm**", "", "", f"**{_pct(delta[primary])}**", ""] + ([""] if significance else [])))
+    others = ", ".join(f"on {m}: {_pct(v)}" for m, v in delta.items() if m != primary)
+    return (
+        f"Test {primary}, each task's multi-task model against a single-task model trained for that task alone "
+        f"(same backbone, budget and data); difference = (multi − single) / single × 100. **Δm = "
+        f"{_pct(delta[primary])}** (the mean difference over tasks{'; ' + others if others else ''}).\n\n"
+        + "\n".join(lines) + "\n"
+    )
+
+
+def _row(cells: list[str]) -> str:
+    """A markdown table row; an empty cell is `| |`."""
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
+def _pct(value: Any) -> str:
+    number = _number(value)
+    return "n/a" if number is None else f"{number:+.2f} %"
+
+
+def with_section(text: str, heading: str, body: str | None) -> str:
+    """`text` with its section `### <heading>` replaced by `body` (added at the end when it has none,
+    removed when `body` is None); a section runs to the next `### ` heading or the end."""
+    lines = text.rstrip("\n").split("\n")
+    marker = f"### {heading}"
+    if marker in lines:
+        start = lines.index(marker)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("### ")), len(lines))
+        lines = lines[:start] + lines[end:]
+    kept = "\n".join(lines).rstrip("\n")
+    if body is None:
+        return kept + "\n"
+    return f"{kept}\n\n{marker}\n\n{body.rstrip()}\n"
 
 
 

@@ -167,7 +167,8 @@ def _build(
 def _announce(cfg: PipelineConfig, tasks: TaskSpec, t: _Training, dist: Distributed, sink: Any) -> None:
     """What a new training says once: model, device, tasks, labelled training samples per task."""
     sink.info(
-        "train: %s (%s) on %s%s, tasks %s, %d training images", cfg.model.backbone, cfg.model.arch, t.device,
+        "train: %s (%s) on %s%s, tasks %s, %d training images", cfg.model.backbone,
+        cfg.model.arch if len(tasks.names) > 1 else "single-task", t.device,  # a baseline is no hard sharing
         f" x {dist.world_size} processes" if dist.enabled else "", ", ".join(tasks.names), len(t.loaders["train"].dataset),
     )  # fmt: skip
     sink.info("labelled training samples per task: %s", ", ".join(f"{k} {n}" for k, n in t.labelled_train.items()))

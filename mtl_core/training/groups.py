@@ -28,6 +28,7 @@ from mtl_core.models.io import load_model, read_spec, temperatures, write_spec
 from mtl_core.paths import ProjectPaths
 from mtl_core.tasks import TaskSpec
 from mtl_core.training.model_files import ModelFiles, spec_for, write_gradient_cosine
+from mtl_core.training.sink import curve_metric
 
 
 def group_folder(paths: ProjectPaths, index: int) -> Path:
@@ -90,7 +91,7 @@ def assemble_groups(
     history = merge_histories(histories, tasks.names)
     history.to_csv(paths.train_history, index=False)
     for _, row in history.iterrows():  # the solution's curves, in the model's run
-        metrics = {k: float(v) for k, v in row.items() if k != "epoch" and k.split("/")[0] in ("train", "val") and math.isfinite(v)}
+        metrics = {curve_metric(k): float(v) for k, v in row.items() if k != "epoch" and k.split("/")[0] in ("train", "val") and math.isfinite(v)}
         sink.log_metrics(metrics, step=int(row["epoch"]))
     plot_training_curves(history, tasks.names, paths.training_curves)
     sink.log_artifact(paths.training_curves, "plots")

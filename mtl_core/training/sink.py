@@ -16,6 +16,17 @@ import numpy as np
 
 log = logging.getLogger("mtl_core.training.engine")
 
+CURVE_PREFIX = "by_epoch/"
+"""Before each per-epoch metric in MLflow (`by_epoch/train/mean/loss`, `by_epoch/val/shape/accuracy`; the
+columns of reports/train_history.csv keep their names): the run's *Model metrics* tab draws a section per
+metric-name prefix in alphabetical order, so the learning curves come before the single-value `compare/`
+and `test/` charts."""
+
+
+def curve_metric(column: str) -> str:
+    """The MLflow name of a per-epoch metric, a column of reports/train_history.csv."""
+    return CURVE_PREFIX + column
+
 
 class NullSink:
     """Reports nothing."""
@@ -139,7 +150,7 @@ class MlflowSink(LogSink):
 
     def _record_epoch(self, row: Mapping[str, float], cosines: Mapping[int, list], tasks: Sequence[str]) -> None:
         epoch = int(row["epoch"])
-        metrics = {k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}
+        metrics = {curve_metric(k): v for k, v in row.items() if k != "epoch" and np.isfinite(v)}
         self._call(f"epoch {epoch}", lambda: self._mlflow.log_metrics(metrics, step=epoch))
         if epoch in cosines:
             matrix = {"tasks": list(tasks), "epoch": epoch, "cosine": cosines[epoch]}
@@ -151,7 +162,7 @@ class MlflowSink(LogSink):
         value per epoch, none twice."""
         from mlflow.tracking import MlflowClient
 
-        logged = {m.step for m in MlflowClient().get_metric_history(self.run_id, "val/mean/accuracy")}
+        logged = {m.step for m in MlflowClient().get_metric_history(self.run_id, curve_metric("val/mean/accuracy"))}
         for row in history:
             if row["epoch"] not in logged:
                 self._record_epoch(row, cosines, tasks)
