@@ -52,7 +52,7 @@ PARAMS = {
     "train": {"epochs": 2, "batch_size": 32, "num_workers": 0, "lr": 0.003, "checkpoint_every_steps": 2, "task_affinity_every": 3},
 }
 TEMPORARY = (re.compile(r".*\.tmp$"), re.compile(r"^\..*\.tmp-\d+$"), re.compile(r".*\.tmp-\d+$"),
-             re.compile(r"^\.ingest-spool\.csv$"), re.compile(r".*\.probe-\d+$"))  # fmt: skip
+             re.compile(r"^\.ingest-spool\.csv$"), re.compile(r".*\.probe-\d+$"), re.compile(r"^\..*\.creating-\d+$"))  # fmt: skip
 
 
 def deep_update(base: dict, update: dict) -> dict:

@@ -257,7 +257,10 @@ class PreprocessConfig(_Strict):
     @field_validator("augment")
     @classmethod
     def _augment_fits_the_image(cls, v: list[AugmentStep], info: ValidationInfo) -> list[AugmentStep]:
-        """Built and applied to an image of `image_size` at load (config_names.check_augment)."""
+        """Built and applied to an image of `image_size` at load (config_names.check_augment), unless the
+        loader says it will not use them (`load_config(..., build_augment=False)`: `mtl predict`)."""
+        if info.context is not None and not info.context.get("build_augment", True):
+            return v
         if "image_size" in info.data:  # else the size itself is invalid (reported on its own)
             config_names.check_augment([(s.name, s.kwargs) for s in v], info.data["image_size"])
         return v
@@ -828,14 +831,16 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def config_from_dict(raw: dict[str, Any] | None, source: str = "params.yaml") -> PipelineConfig:
+def config_from_dict(raw: dict[str, Any] | None, source: str = "params.yaml", build_augment: bool = True) -> PipelineConfig:
+    """The validated parameters; `build_augment=False` skips building the augmentation chain (which imports
+    Albumentations), for a caller that reads other sections only."""
     try:
-        return PipelineConfig.model_validate(raw or {})
+        return PipelineConfig.model_validate(raw or {}, context={"build_augment": build_augment})
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
+def load_config(path: str | Path = "params.yaml", build_augment: bool = True) -> PipelineConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found")
@@ -845,7 +850,7 @@ def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(raw, str(path))
+    return config_from_dict(raw, str(path), build_augment)
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mtl_core.config import config_from_dict
+from mtl_core.config import ConfigError, config_from_dict
 from mtl_core.stages.ingest import run_ingest
 from mtl_core.stages.preprocess import run_preprocess
 from mtl_core.paths import SPLITS, ProjectPaths
 from mtl_core.tasks import TaskSpec
-from mtl_core.transforms import TransformConfigError, resize_rgb, train_transform
+from mtl_core.transforms import resize_rgb, train_transform
 
 
 def test_cache_holds_every_image_resized_once_with_encoded_labels(tiny_project: Path):
@@ -39,15 +39,14 @@ def test_cache_holds_every_image_resized_once_with_encoded_labels(tiny_project: 
 
 
 def test_unknown_augmentation_names_the_step():
-    cfg = config_from_dict({"preprocess": {"augment": [{"name": "HorizontalFlip"}, {"name": "Sparkle", "p": 1}]}})
-    with pytest.raises(TransformConfigError, match=r"augment\[1\]: unknown Albumentations transform 'Sparkle'"):
-        train_transform(cfg.preprocess)
+    """Refused when params.yaml is loaded (before ingest runs), naming the step."""
+    with pytest.raises(ConfigError, match=r"augment\[1\]: unknown Albumentations transform 'Sparkle'"):
+        config_from_dict({"preprocess": {"augment": [{"name": "HorizontalFlip"}, {"name": "Sparkle", "p": 1}]}})
 
 
 def test_bad_augmentation_arguments_name_the_step():
-    cfg = config_from_dict({"preprocess": {"augment": [{"name": "GaussNoise", "sigma": 3}]}})
-    with pytest.raises(TransformConfigError, match=r"augment\[0\] \(GaussNoise\): invalid arguments"):
-        train_transform(cfg.preprocess)
+    with pytest.raises(ConfigError, match=r"augment\[0\] \(GaussNoise\): invalid arguments"):
+        config_from_dict({"preprocess": {"augment": [{"name": "GaussNoise", "sigma": 3}]}})
 
 
 def test_train_transform_normalises_and_augments():

@@ -137,6 +137,6 @@ def test_grouped_runs_in_mlflow(grouped: Path):
     assert json.loads(parent.data.tags["mtl.task_groups"]) == GROUPS
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["mtl.group"] for c in children) == sorted(",".join(g) for g in GROUPS)
-    assert "test/shape/accuracy" in parent.data.metrics and "val/color/accuracy" in parent.data.metrics
+    assert "test/shape/accuracy" in parent.data.metrics and "by_epoch/val/color/accuracy" in parent.data.metrics
     reference = client.get_run(json.loads(paths.all_in_one_metrics.read_text())["run"])
     assert reference.data.tags["mtl.kind"] == "all_in_one_reference"

@@ -94,7 +94,8 @@ def load_model_for_prediction(model: str | None, root: Path, params: Path, raw: 
         return load_local_model(Path(model), raw)
     from mtl_core.config import load_config
 
-    cfg = load_config(params if params.is_absolute() else root / params)
+    # the model name and the store only: no augmentation built (it would import Albumentations)
+    cfg = load_config(params if params.is_absolute() else root / params, build_augment=False)
     return load_mlflow_model(model or default_model_uri(cfg), cfg, root, raw)
 
 

@@ -282,16 +282,55 @@ def artifact_location(uri: str) -> str | None:
     return (db.parent / DEFAULT_ARTIFACTS).as_uri() if db is not None else None
 
 
+CREATING = ".creating-"
+"""A new SQLite store is built as `.<name>.creating-<pid>` beside the store's file, then renamed into place."""
+
+
 def initialise_store(uri: str) -> None:
     """Make MLflow create / migrate the tables of the store now (it does so lazily, on the first use of its
-    tracking store and, separately, of its registry store, both in the same SQLite file)."""
+    tracking store and, separately, of its registry store, both in the same SQLite file).
+
+    A new SQLite store is created whole or not at all: MLflow builds its tables with some forty migrations,
+    and a process killed in the middle left a file at an intermediate schema that every later start
+    refused ("out-of-date database schema"). So the tables are built in a temporary file that is renamed
+    to the store's name once complete (the caller holds the store's file lock, see `setup_mlflow`)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    db = sqlite_db_path(uri)
+    if db is not None:
+        for stale in db.parent.glob(f".{db.name}{CREATING}*"):  # left by a creation that was killed
+            stale.unlink(missing_ok=True)
+        if not db.exists() or db.stat().st_size == 0:
+            _create_sqlite_store(db)
     client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+        if mlflow.get_registry_uri() == uri:
+            client.search_registered_models(max_results=1)
+    except MlflowException as err:
+        if "out-of-date database schema" not in str(err):
+            raise
+        raise StoreError(
+            f"the MLflow tracking store {uri} has tables of an older MLflow schema (a store made by an older "
+            f"MLflow, or one whose creation was interrupted before this version made it atomic): back the file "
+            f"up, then run `mlflow db upgrade {uri}`, or move it away to start a new store"
+        ) from None
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Build MLflow's tables (tracking and registry) in a temporary file beside `db`, then rename it to `db`."""
+    from mlflow.tracking import MlflowClient
+
+    scratch = db.with_name(f".{db.name}{CREATING}{os.getpid()}")
+    scratch.unlink(missing_ok=True)
+    scratch_uri = f"sqlite:///{scratch}"
+    client = MlflowClient(tracking_uri=scratch_uri, registry_uri=scratch_uri)
     client.search_experiments(max_results=1)
-    if mlflow.get_registry_uri() == uri:
-        client.search_registered_models(max_results=1)
+    client.search_registered_models(max_results=1)
+    os.replace(scratch, db)  # connections MLflow keeps to the scratch name follow the file; none is used again
+
 
 
 def _experiment_id(name: str, location: str | None) -> str:
