@@ -156,7 +156,9 @@ def _audit(args: argparse.Namespace) -> None:
     params = Path(args.params)
     summary = run_audit_labels(load_config(params if params.is_absolute() else root / params), root, args.folds)
     for task, report in summary["tasks"].items():
-        print(f"{task}: {report['suspects']} suspected label problems: reports/label_audit/{task}.csv")
+        accuracy = report.get("out_of_fold_accuracy")
+        trust = f" (out-of-fold accuracy {accuracy:.3f})" if accuracy is not None else ""
+        print(f"{task}: {report['suspects']} suspected label problems{trust}: reports/label_audit/{task}.csv")
 
 
 def _check_store(params: str, root: str) -> None:

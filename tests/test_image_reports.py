@@ -191,4 +191,5 @@ def test_audit_labels_finds_flipped_training_labels(tiny_data: Path, tmp_path: P
         suspects = pd.read_csv(root / "reports" / "label_audit" / f"{task}.csv", dtype=str, keep_default_na=False)
         assert len(suspects) == summary["tasks"][task]["suspects"]
         assert (manifest.loc[suspects["row"], "split"] == "train").all()
+        assert 0.0 <= summary["tasks"][task]["out_of_fold_accuracy"] <= 1.0  # how far to trust the suspects
     assert main(["audit-labels", "--folds", "1", "--root", str(root)]) == 2  # one line, no traceback

@@ -31,7 +31,7 @@ from mtl_core.inference import predict_loader
 from mtl_core.models.io import load_model, temperatures
 from mtl_core.paths import SPEC_FILE, WEIGHTS_FILE, ProjectPaths
 from mtl_core.runtime import select_device
-from mtl_core.tasks import TaskSpec
+from mtl_core.tasks import MISSING_LABEL, TaskSpec
 from mtl_core.training.engine import fit
 from mtl_core.training.model_files import ModelFiles
 from mtl_core.training.sink import LogSink
@@ -104,6 +104,13 @@ def _report(
         summary["tasks"][task] = label_issue_report(
             task, split, tasks.classes[task], cfg.evaluate.label_issue_tiles, out / task, f"the training split, {folds}-fold cross-validation"
         )  # fmt: skip
-        log.info("audit-labels: %s: %d suspected label problems", task, summary["tasks"][task]["suspects"])
+        # how far to trust the suspects: a model that has not learned the task contradicts many right labels
+        labelled = labels[:, k] != MISSING_LABEL
+        hits = probs[task][labelled].argmax(1) == labels[labelled, k]
+        summary["tasks"][task]["out_of_fold_accuracy"] = float(hits.mean()) if labelled.any() else None
+        log.info(
+            "audit-labels: %s: %d suspected label problems (out-of-fold accuracy %.3f)",
+            task, summary["tasks"][task]["suspects"], hits.mean() if labelled.any() else float("nan"),
+        )  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
