@@ -32,6 +32,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.overrides import apply_overrides  # noqa: E402
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -39,17 +40,6 @@ BUDGET = [
     "model.backbone=timm:tf_efficientnet_lite0", "model.stem=imagenet", "data.builtin.num_images=3000",
     "train.epochs=5", "train.batch_size=64", "train.num_workers=1", "train.task_affinity_every=0",
 ]  # fmt: skip
-
-
-def apply_overrides(params: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = params
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return params
 
 
 def variants(weights: Path) -> dict[str, dict]:

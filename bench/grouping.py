@@ -36,6 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.overrides import apply_overrides  # noqa: E402
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -43,17 +44,6 @@ BUDGET = [
     "model.backbone=small_cnn", "data.builtin.num_images=6000", "train.epochs=8", "train.batch_size=128",
     "train.num_workers=1", "train.task_affinity_every=0",
 ]  # fmt: skip
-
-
-def apply_overrides(params: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = params
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return params
 
 
 def subsets(tasks: list[str]) -> list[tuple[str, ...]]:

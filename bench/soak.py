@@ -280,8 +280,8 @@ def one_kill(index: int, template: Path, work: Path, rng: random.Random, referen
 
 def table(rows: list[Row], weighting: str) -> str:
     head = (
-        f"| # | kill | target | stage at the kill | s into it | rerun s | weights | train runs | versions | "
-        f"one per run | champion | RUNNING runs | dvc status | temp files | outcome |\n"
+        "| # | kill | target | stage at the kill | s into it | rerun s | weights | train runs | versions | "
+        "one per run | champion | RUNNING runs | dvc status | temp files | outcome |\n"
         + "|" + " --- |" * 15
     )
     lines = [head]
@@ -297,6 +297,21 @@ def table(rows: list[Row], weighting: str) -> str:
     return "\n".join(lines)
 
 
+def render(results: list[Path]) -> str:
+    """The docs page's tables, one per JSON file that --out wrote (a weighting method each)."""
+    parts = []
+    for path in results:
+        data = json.loads(path.read_text())
+        rows = [Row(**r) for r in data["rows"]]
+        ref = data["reference"]
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in ref["durations"].items())
+        parts.append(
+            f"## `{data['weighting']}` (seed {data['seed']})\n\nUninterrupted run: {ref['seconds']:.0f} s ({stages}); "
+            f"weights sha256 `{ref['weights'][:16]}…`, champion version {ref['champion']}.\n\n{table(rows, data['weighting'])}\n"
+        )
+    return "\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weighting", default="equal")
@@ -304,7 +319,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="folder for the clones (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="JSON of the rows (written after every kill)")
+    parser.add_argument("--render", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="print the tables of these --out files as markdown, and run nothing")  # fmt: skip
     args = parser.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
 
     work = args.work or Path(tempfile.mkdtemp(prefix=f"soak-{args.weighting}-"))
     work.mkdir(parents=True, exist_ok=True)
