@@ -374,6 +374,14 @@ def test_served_champion_answers_an_image_and_refuses_wrong_ones_briefly(project
         for task, classes in predictor.spec["tasks"].items():
             assert answer[task] == expected[task]
             np.testing.assert_allclose([answer[f"{task}_prob_{c}"] for c in classes], [expected[f"{task}_prob_{c}"] for c in classes], atol=1e-6)
+        # the raw (uncalibrated) probabilities through the signature's parameter `raw`
+        status, body = _post(f"{url}/invocations", {"inputs": image[None].tolist(), "params": {"raw": True}})
+        assert status == 200, body
+        (answer,) = body["predictions"]
+        paths = ProjectPaths(project)
+        raw = MultiTaskPredictor(paths.model_spec, paths.weights, raw=True).predict_images(image[None]).iloc[0]
+        for task, classes in predictor.spec["tasks"].items():
+            np.testing.assert_allclose([answer[f"{task}_prob_{c}"] for c in classes], [raw[f"{task}_prob_{c}"] for c in classes], atol=1e-6)
 
         for wrong, words in (
             ((image[None] / 255.0).tolist(), ("uint8", "float64", "[0, 1]")),
