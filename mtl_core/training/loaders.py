@@ -30,7 +30,8 @@ def make_loaders(
     Distributed: this rank's share of every global batch (`train.batch_size` / world size) and of the
     validation set."""
     dist = dist or Distributed()
-    cfg = resolve_normalisation(cfg)  # preprocess.mean/std: auto (fit has resolved them already)
+    if "auto" in (cfg.preprocess.mean, cfg.preprocess.std):  # fit has resolved them (and warned) already
+        cfg = resolve_normalisation(cfg)
     workers = cfg.train.workers(int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
     common = dict(
         batch_size=cfg.train.batch_size // dist.world_size,
