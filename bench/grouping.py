@@ -14,8 +14,11 @@ network) measures both affinity signals, the lookahead affinity and the gradient
 lookahead and once without it (its cost); the table marks where each signal's choice lands. More seeds
 where time allows (`--seeds 0 1 2`): the table is then per seed and the ranks of the choices per seed.
 
-    python3 -m uv run python bench/grouping.py                          # about 1.5 h on 2 CPU cores
+    python3 -m uv run python bench/grouping.py --workdir gbench         # 3-4 h on 2 CPU cores
     python3 -m uv run python bench/grouping.py --set train.epochs=4     # another budget
+
+With `--workdir`, each subset's result is kept there as it finishes, and a rerun with the same budget
+trains only the subsets still missing (a run of several hours can be stopped and continued).
 
 `--set section.key=value` (YAML value) overrides the benchmark's params, as `dvc exp run -S` would.
 """
@@ -187,7 +190,15 @@ def main() -> None:
             results = {}
             for s in subsets(tasks.names):
                 t0 = time.perf_counter()
-                results[s] = train_subset(workdir, cfg, tasks, s, seed)
+                # each subset's result is kept in the work folder: a run stopped part-way (--workdir) goes
+                # on where it stopped, and never mixes in a subset trained with another budget
+                kept = workdir / "runs" / str(seed) / "+".join(s) / "bench_result.json"
+                budget = [*BUDGET, *args.overrides]
+                if kept.is_file() and json.loads(kept.read_text()).get("budget") == budget:
+                    results[s] = json.loads(kept.read_text())["result"]
+                else:
+                    results[s] = train_subset(workdir, cfg, tasks, s, seed)
+                    kept.write_text(json.dumps({"budget": budget, "result": results[s]}) + "\n")
                 acc = ", ".join(f"{t} {results[s]['metrics'][t][args.metric]:.3f}" for t in s)
                 print(f"seed {seed} {'+'.join(s)}: {acc} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             rows = rank_partitions(results, tasks.names, targets, args.metric)
