@@ -27,6 +27,18 @@ def cosine_matrix(grads: Tensor) -> np.ndarray:
     return (unit @ unit.T).cpu().numpy()
 
 
+
+def take_mean(total: np.ndarray, count: np.ndarray) -> np.ndarray | None:
+    """The elementwise mean `total / count` (NaN where nothing was counted; None where nothing at all),
+    then both reset to zero: an accumulated matrix's average over one epoch."""
+    if not count.any():
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / count, np.nan)
+    total[:] = 0
+    count[:] = 0
+    return mean
+
 class GradientCosineTracker:
     """Per epoch, from the task gradients G (K, P) on the shared parameters of every N-th step:
 
@@ -133,10 +145,4 @@ class GradientCosineTracker:
 
     def epoch_average(self) -> np.ndarray | None:
         """The mean matrix since the last call (None if nothing was measured), then reset."""
-        if not self._count.any():
-            return None
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(self._count > 0, self._sum / self._count, np.nan)
-        self._sum[:] = 0
-        self._count[:] = 0
-        return mean
+        return take_mean(self._sum, self._count)

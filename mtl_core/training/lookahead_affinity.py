@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from mtl_core.training.gradient_cosine import take_mean
 from mtl_core.weighting.gradients import task_gradients, trainable
 
 
@@ -93,13 +94,7 @@ class LookaheadAffinityTracker:
 
     def epoch_average(self) -> np.ndarray | None:
         """The mean matrix since the last call (None if nothing was measured), then reset."""
-        if not self._count.any():
-            return None
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(self._count > 0, self._sum / self._count, np.nan)
-        self._sum[:] = 0
-        self._count[:] = 0
-        return mean
+        return take_mean(self._sum, self._count)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sum": torch.from_numpy(self._sum.copy()), "count": torch.from_numpy(self._count.copy())}
