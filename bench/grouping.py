@@ -39,7 +39,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.overrides import apply_overrides  # noqa: E402
+from bench.overrides import apply_overrides, prepared_project  # noqa: E402
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -170,18 +170,12 @@ def main() -> None:
 
     from mtl_core.config import load_config
     from mtl_core.paths import ProjectPaths
-    from mtl_core.pipeline import run_stage
     from mtl_core.tasks import TaskSpec
 
     params = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), [*BUDGET, *args.overrides])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = (args.workdir or Path(tmp) / "project").resolve()
-        (workdir / "data" / "datasets").mkdir(parents=True, exist_ok=True)
-        (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        if not (workdir / "data" / "preprocessed" / "tasks.json").is_file():
-            for stage in ("ingest", "preprocess"):
-                run_stage(stage, root=workdir)
+        workdir = prepared_project(args.workdir or Path(tmp) / "project", params)
         paths = ProjectPaths(workdir)
         cfg, tasks = load_config(workdir / "params.yaml"), TaskSpec.load(paths.tasks_file)
         targets = np.load(paths.labels_cache("test"))

@@ -1,6 +1,9 @@
-"""`--set section.key=value` overrides of params.yaml, shared by the benchmarks (the value is YAML)."""
+"""What the benchmarks share: `--set section.key=value` overrides of params.yaml (the value is YAML), and
+a project folder with its data ingested and preprocessed."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import yaml
 
@@ -15,3 +18,17 @@ def apply_overrides(params: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value)
     return params
+
+
+def prepared_project(workdir: Path, params: dict) -> Path:
+    """`workdir` (resolved) with `params` as its params.yaml and the built-in data ingested and
+    preprocessed, unless an earlier run there already did."""
+    from mtl_core.pipeline import run_stage
+
+    workdir = workdir.resolve()
+    (workdir / "data" / "datasets").mkdir(parents=True, exist_ok=True)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if not (workdir / "data" / "preprocessed" / "tasks.json").is_file():
+        for stage in ("ingest", "preprocess"):
+            run_stage(stage, root=workdir)
+    return workdir
