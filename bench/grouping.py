@@ -9,13 +9,15 @@ the network of the task's group (a group's network does not depend on the rest o
 single-task models, how many tasks are significantly worse than their single-task model (paired
 bootstrap, evaluation/significance.py), the networks it costs; ranked by Δm.
 
-Then the grouping stage's probe (stages/grouping.py: `grouping.probe_epochs` epochs of the all-in-one
-network) measures both affinity signals, the lookahead affinity and the gradient cosine, once with the
-lookahead and once without it (its cost); the table marks where each signal's choice lands. More seeds
-where time allows (`--seeds 0 1 2`): the table is then per seed and the ranks of the choices per seed.
+Then the grouping stage's probe (stages/grouping.py: the all-in-one network for `--probe-epochs`
+epochs, each length with each of `--probe-seeds`) measures both affinity signals, the lookahead affinity
+and the gradient cosine; a table per training seed says where each probe's choice of each signal lands
+(rank, Δm, tasks significantly worse) and what the probe cost with the lookahead and with the cosine
+alone. More training seeds where time allows (`--seeds 0 1 2`): a ranking per seed.
 
-    python3 -m uv run python bench/grouping.py --workdir gbench         # 3-4 h on 2 CPU cores
-    python3 -m uv run python bench/grouping.py --set train.epochs=4     # another budget
+    python3 -m uv run python bench/grouping.py --workdir gbench                 # about 1 h on 2 CPU cores
+    python3 -m uv run python bench/grouping.py --workdir gbench --probe-epochs 1 2
+    python3 -m uv run python bench/grouping.py --set train.epochs=4             # another budget
 
 With `--workdir`, each subset's result is kept there as it finishes, and a rerun with the same budget
 trains only the subsets still missing (a run of several hours can be stopped and continued).
@@ -85,12 +87,14 @@ def train_subset(workdir: Path, cfg, tasks, subset: tuple[str, ...], seed: int) 
     }  # fmt: skip
 
 
-def probe(workdir: Path, params: dict, lookahead: bool, probe_epochs: int, every: int) -> dict:
-    """The grouping stage on the benchmark's data: its decision (and both signals' choices) and cost."""
+def probe(workdir: Path, params: dict, lookahead: bool, probe_epochs: int, every: int, seed: int = 0) -> dict:
+    """The grouping stage on the benchmark's data (its probe trained with `train.seed: seed`): its decision
+    (and both signals' choices) and cost."""
     from mtl_core.pipeline import run_stage
 
     p = json.loads(json.dumps(params))
     p["model"]["task_groups"] = "auto"
+    p["train"]["seed"] = seed
     p["grouping"] = {**p.get("grouping", {}), "probe_epochs": probe_epochs, "every": every}
     (workdir / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     if lookahead:
@@ -140,20 +144,39 @@ def rank_partitions(results: dict[tuple[str, ...], dict], tasks: list[str], targ
     return sorted(rows, key=lambda r: (-r["delta_m_pct"], r["networks"]))
 
 
-def same(a: list[list[str]], b: list[list[str]]) -> bool:
-    return sorted(map(sorted, a)) == sorted(map(sorted, b))
+def partition_key(groups: list[list[str]]) -> str:
+    """One string per partition, whatever the order of its groups and of the tasks in them."""
+    return json.dumps(sorted(map(sorted, groups)))
 
 
-def markdown(rows: list[dict], tasks: list[str], metric: str, choices: dict[str, list[list[str]]]) -> str:
+def markdown(rows: list[dict], tasks: list[str], metric: str, marks: dict[str, list[str]]) -> str:
+    """The ranked partitions; `marks`: for a partition (`partition_key`), the probes that chose it."""
     from mtl_core.evaluation.task_grouping import format_groups
 
     cols = ["rank", "partition", "networks", *tasks, "Δm %", "significantly worse", "train s", "chosen by"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for i, r in enumerate(rows, 1):
-        marks = ", ".join(s for s, g in choices.items() if same(g, r["groups"]))
+        chosen = "; ".join(marks.get(partition_key(r["groups"]), []))
         cells = [str(i), format_groups(r["groups"]), str(r["networks"]), *[f"{r[metric][t]:.3f}" for t in tasks],
-                 f"{r['delta_m_pct']:+.2f}", ", ".join(r["worse"]) or "none", f"{r['train_seconds']:.0f}", marks]  # fmt: skip
+                 f"{r['delta_m_pct']:+.2f}", ", ".join(r["worse"]) or "none", f"{r['train_seconds']:.0f}", chosen]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def probe_table(probes: list[dict], rows: list[dict], seed: str, tasks: list[str]) -> str:
+    """Per probe (length, seed): each signal's choice, its rank of the partitions, Δm, the tasks it leaves
+    significantly worse, networks; the probe's seconds with both signals and with the cosine alone."""
+    from mtl_core.evaluation.task_grouping import format_groups
+
+    lines = ["| probe epochs | probe seed | signal | choice | rank | networks | Δm % | significantly worse | probe s (both / cosine only) |",
+             "|" + " --- |" * 9]  # fmt: skip
+    for pr in probes:
+        for signal, groups in pr["choices"].items():
+            k = pr["ranks"][seed][signal]
+            row = rows[k - 1]
+            lines.append(f"| {pr['probe_epochs']} | {pr['probe_seed']} | {signal} | {format_groups(groups)} | {k} | {len(groups)} | "
+                         f"{row['delta_m_pct']:+.2f} | {', '.join(row['worse']) or 'none'} | "
+                         f"{pr['seconds_with_lookahead']:.0f} / {pr['seconds_cosine_only']:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -161,7 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--probe-epochs", type=int, default=1)
+    parser.add_argument("--probe-epochs", nargs="+", type=int, default=[2], help="probe lengths to measure (epochs)")
+    parser.add_argument("--probe-seeds", nargs="+", type=int, default=[0, 1, 2], help="probe trainings' seeds")
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--metric", default="accuracy", choices=["accuracy", "balanced_accuracy"])
     parser.add_argument("--workdir", type=Path, default=None)
@@ -198,23 +222,34 @@ def main() -> None:
             rows = rank_partitions(results, tasks.names, targets, args.metric)
             out["seeds"][seed] = {"partitions": rows, "subsets": {"+".join(k): {kk: vv for kk, vv in v.items() if kk != "predictions"} for k, v in results.items()}}
         (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        cosine_only = probe(workdir, params, False, args.probe_epochs, args.every)
-        both = probe(workdir, params, True, args.probe_epochs, args.every)
-    choices = {both["signal"]: both["groups"], both["alternative"]["signal"]: both["alternative"]["groups"]}
-    out["probe"] = {"decision": both, "seconds_with_lookahead": both["stage_seconds"], "seconds_cosine_only": cosine_only["stage_seconds"]}
+        probes = []  # every probe length and seed: both signals' choices; the cost with and without the lookahead
+        for epochs in args.probe_epochs:
+            cosine_only = probe(workdir, params, False, epochs, args.every, args.probe_seeds[0])["stage_seconds"]
+            for probe_seed in args.probe_seeds:
+                both = probe(workdir, params, True, epochs, args.every, probe_seed)
+                probes.append({
+                    "probe_epochs": epochs, "probe_seed": probe_seed, "seconds_with_lookahead": both["stage_seconds"],
+                    "seconds_cosine_only": cosine_only, "decision": both,
+                    "choices": {both["signal"]: both["groups"], both["alternative"]["signal"]: both["alternative"]["groups"]},
+                })  # fmt: skip
+    out["probes"] = probes
     header = (
         f"bench/grouping.py, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s; budget: "
-        f"{', '.join(out['budget'])}; metric: test {args.metric}; probe: {args.probe_epochs} epoch(s), affinities every "
-        f"{args.every} steps, {cosine_only['stage_seconds']:.0f} s with the gradient cosine only, "
-        f"{both['stage_seconds']:.0f} s with the lookahead too"
+        f"{', '.join(out['budget'])}; metric: test {args.metric}; probes of {', '.join(map(str, args.probe_epochs))} "
+        f"epoch(s), seeds {', '.join(map(str, args.probe_seeds))}, affinities every {args.every} steps"
     )
     text = header + "\n"
     for seed, r in out["seeds"].items():
         rows = r["partitions"]
-        ranks = {s: next(i for i, row in enumerate(rows, 1) if same(row["groups"], g)) for s, g in choices.items()}
-        text += f"\n## Seed {seed}\n\n" + markdown(rows, tasks.names, args.metric, choices) + "\n\n"
-        text += "Rank of each signal's choice (of 15): " + ", ".join(f"{s} {k}" for s, k in ranks.items()) + "\n"
-        r["ranks"] = ranks
+        rank = {partition_key(row["groups"]): i for i, row in enumerate(rows, 1)}
+        marks = {}
+        for pr in probes:
+            for signal, groups in pr["choices"].items():
+                key = partition_key(groups)
+                pr.setdefault("ranks", {}).setdefault(str(seed), {})[signal] = rank[key]
+                marks.setdefault(key, []).append(f"{signal} {pr['probe_epochs']} ep. s{pr['probe_seed']}")
+        text += f"\n## Seed {seed}\n\n" + markdown(rows, tasks.names, args.metric, marks) + "\n\n"
+        text += "### Where each probe's choice lands\n\n" + probe_table(probes, rows, str(seed), tasks.names) + "\n"
     args.out.with_suffix(".md").write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(text)

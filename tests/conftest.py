@@ -19,11 +19,14 @@ os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# A pipeline small enough for CPU tests: ~240 images, a small CNN, one short epoch.
+# A pipeline small enough for CPU tests: ~240 images, a small CNN, two short epochs, few image tiles.
 TINY_PARAMS = {
     "data": {"builtin": {"num_images": 240, "seed": 0}},
     "model": {"backbone": "small_cnn"},
     "train": {"epochs": 2, "batch_size": 32, "num_workers": 0, "lr": 0.003},
+    # the image reports drawn with a few tiles (each tile is a matplotlib axes: 8/12/4 cost every evaluate
+    # of the suite ~3 s more on 2 cores); `trained_project` draws them at params.yaml's values
+    "evaluate": {"gallery_tiles": 2, "label_issue_tiles": 2, "gradcam_images": 1},
 }
 
 
@@ -114,7 +117,8 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("trained") / "project"
     (root / "data" / "datasets").mkdir(parents=True)
-    write_params(root, {"train": {"epochs": 5}})  # enough for the easy tasks to end far above chance
+    defaults = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["evaluate"]  # image reports as users get them
+    write_params(root, {"train": {"epochs": 5}, "evaluate": defaults})  # epochs: the easy tasks end far above chance
     for stage in ("ingest", "preprocess", "train", "evaluate"):
         run_stage(stage, root=root)
     return root
@@ -213,3 +217,25 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
             yield url, env
         finally:
             stop_process(proc)
+
+
+# The suite runs on 2 workers, one test file at a time each (`--dist loadfile`), each worker starting with
+# the next file in collection order when it finishes one. A file of a few minutes collected late leaves one
+# worker idle while the other finishes it, so the slowest files go first (longest-first scheduling) and
+# the many short ones fill in at the end. Slowest first, from `--durations=0` of a fresh-clone run on 2
+# cores; a file not listed runs after these, files with more tests first (xdist's own order).
+SLOWEST_FILES = [
+    "test_deployment.py", "test_resume.py", "test_distributed.py", "test_dvc_experiments.py", "test_e2e_dvc.py",
+    "test_register.py", "test_store_faults.py", "test_auto_grouping.py", "test_baselines_compare.py",
+    "test_tracking.py", "test_forty_tasks.py", "test_predict.py", "test_stopping.py", "test_task_groups.py",
+    "test_runtime_speed_options.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order the test files slowest first (SLOWEST_FILES), keeping the order of the tests in each file."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -counts[item.path.name], str(item.path)))

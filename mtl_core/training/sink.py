@@ -91,10 +91,9 @@ class MlflowSink(LogSink):
         self._pending: list[tuple[str, Callable[[], Any]]] = []  # (what, call) the store did not take
         self._failure: str | None = None
 
-    def _call(self, what: str, call: Callable[[], Any]) -> None:
-        if self._pending:
-            self._pending.append((what, call))
-            return
+    def _attempt(self, call: Callable[[], Any]) -> bool:
+        """Run one store call: whether it went through; a store failure is kept in `_failure`, any other
+        error raised."""
         try:
             call()
         except Exception as err:
@@ -103,29 +102,31 @@ class MlflowSink(LogSink):
             if not is_store_failure(err):
                 raise
             self._failure = describe_store_failure(err)
+            log.debug("the MLflow store's error", exc_info=True)
+            return False
+        return True
+
+    def _call(self, what: str, call: Callable[[], Any]) -> None:
+        if self._pending:
+            self._pending.append((what, call))
+            return
+        if not self._attempt(call):
             log.warning(
                 "the MLflow store failed (%s: %s); training goes on and keeps its checkpoints; what it reports "
                 "is kept and logged when the store answers again", what, self._failure,
             )  # fmt: skip
-            log.debug("the MLflow store's error", exc_info=True)
             self._pending.append((what, call))
 
     def _retry_pending(self) -> bool:
         """Write the kept calls if a quick probe finds the store back; whether nothing is left."""
         if not self._pending:
             return True
-        from mtl_core.tracking.store import describe_store_failure, is_store_failure, store_problem
+        from mtl_core.tracking.store import store_problem
 
         if store_problem(self._mlflow.get_tracking_uri()) is not None:
             return False
         while self._pending:
-            what, call = self._pending[0]
-            try:
-                call()
-            except Exception as err:
-                if not is_store_failure(err):
-                    raise
-                self._failure = describe_store_failure(err)
+            if not self._attempt(self._pending[0][1]):
                 return False
             self._pending.pop(0)
         log.info("the MLflow store answers again: what it missed is logged")
