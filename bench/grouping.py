@@ -163,7 +163,7 @@ def markdown(rows: list[dict], tasks: list[str], metric: str, marks: dict[str, l
     return "\n".join(lines)
 
 
-def probe_table(probes: list[dict], rows: list[dict], seed: str, tasks: list[str]) -> str:
+def probe_table(probes: list[dict], rows: list[dict], seed: str) -> str:
     """Per probe (length, seed): each signal's choice, its rank of the partitions, Δm, the tasks it leaves
     significantly worse, networks; the probe's seconds with both signals and with the cosine alone."""
     from mtl_core.evaluation.task_grouping import format_groups
@@ -249,7 +249,7 @@ def main() -> None:
                 pr.setdefault("ranks", {}).setdefault(str(seed), {})[signal] = rank[key]
                 marks.setdefault(key, []).append(f"{signal} {pr['probe_epochs']} ep. s{pr['probe_seed']}")
         text += f"\n## Seed {seed}\n\n" + markdown(rows, tasks.names, args.metric, marks) + "\n\n"
-        text += "### Where each probe's choice lands\n\n" + probe_table(probes, rows, str(seed), tasks.names) + "\n"
+        text += "### Where each probe's choice lands\n\n" + probe_table(probes, rows, str(seed)) + "\n"
     args.out.with_suffix(".md").write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(text)

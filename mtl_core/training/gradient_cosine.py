@@ -27,7 +27,6 @@ def cosine_matrix(grads: Tensor) -> np.ndarray:
     return (unit @ unit.T).cpu().numpy()
 
 
-
 def take_mean(total: np.ndarray, count: np.ndarray) -> np.ndarray | None:
     """The elementwise mean `total / count` (NaN where nothing was counted; None where nothing at all),
     then both reset to zero: an accumulated matrix's average over one epoch."""
@@ -38,6 +37,7 @@ def take_mean(total: np.ndarray, count: np.ndarray) -> np.ndarray | None:
     total[:] = 0
     count[:] = 0
     return mean
+
 
 class GradientCosineTracker:
     """Per epoch, from the task gradients G (K, P) on the shared parameters of every N-th step:
